@@ -1,0 +1,304 @@
+"""Typed configuration: dataclasses, YAML presets and dotted ``--set`` overrides.
+
+A run's configuration is one :class:`ExperimentConfig`. It is resolved in this order:
+
+1. the registry's defaults for ``model.name`` (the paper's hyper-parameters);
+2. the YAML file (only the keys it states);
+3. ``--set key=value`` overrides (values parsed as YAML scalars).
+
+The fully resolved config is written next to every output (``config.yaml``), so a
+checkpoint rebuilds its model without the YAML it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "BackboneConfig", "DetectorConfig", "ModelConfig", "DataConfig", "TrainConfig",
+    "EvalConfig", "ExperimentConfig", "ConfigError", "update_dataclass", "apply_overrides",
+    "load_experiment", "save_config", "to_dict",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message names the key."""
+
+
+@dataclass
+class BackboneConfig:
+    """ResNet/ResNeXt body (torchvision definitions, trainable BatchNorm) plus FPN (spec §2).
+
+    ``stages`` counts the residual stages kept (``layer1..layer{stages}``); later stages
+    are not built. ``fpn="single"`` is one 1x1 lateral + one 3x3 conv on the last kept
+    stage, without the extra max-pool level; ``fpn="full"`` is the 4-level FPN on
+    layer1..layer4 (the CTM ResNet50 model), also without the max-pool level.
+    """
+
+    arch: str = "resnet18"
+    stages: int = 3
+    fpn: str = "single"
+    out_channels: int = 256
+    # Local ImageNet state-dict file (.pth/.safetensors); None = random (Kaiming) init.
+    weights: str | None = None
+
+
+@dataclass
+class DetectorConfig:
+    """Mask R-CNN hyper-parameters (spec §3). Defaults are the CTM lightweight model's."""
+
+    mask_type: str = "merge"
+    min_size: int = 512
+    max_size: int = 1024
+    image_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    image_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    anchor_sizes: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32])
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0, 1.5, 2.0])
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_test: int = 1000
+    rpn_nms_thresh: float = 0.75
+    rpn_fg_iou_thresh: float = 0.7
+    rpn_bg_iou_thresh: float = 0.3
+    rpn_batch_size_per_image: int = 256
+    rpn_positive_fraction: float = 0.75
+    box_fg_iou_thresh: float = 0.75
+    box_bg_iou_thresh: float = 0.5
+    box_batch_size_per_image: int = 256
+    box_positive_fraction: float = 0.75
+    box_score_thresh: float = 0.05
+    box_nms_thresh: float = 0.5
+    box_detections_per_img: int = 100
+    representation_size: int = 128
+    # Widths of the 3x3 convs in the mask head; [128] is the lightweight head,
+    # [256, 256, 256, 256] torchvision's default head (CTM ResNet50).
+    mask_head_layers: list[int] = field(default_factory=lambda: [128])
+    mask_predictor_width: int = 128
+
+
+@dataclass
+class ModelConfig:
+    name: str = "maskrcnn-r18-s3"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+
+
+@dataclass
+class DataConfig:
+    """Where slices come from and how they become model input.
+
+    ``format``: ``phantom`` (built-in synthetic CT), ``cncb`` (``imgs/*.jpg`` +
+    ``masks/*.png``, values 0 bg / 1 lung / 2 GGO / 3 C), ``semiseg`` (``Imgs/*.jpg`` +
+    ``GT/*.png``, values 0 bg / 1 GGO / 2 C), ``images`` (unlabelled PNG/JPG),
+    ``dicom`` (file or series folder), ``nifti`` (volume, optional ``labels`` volume).
+
+    ``window``: ``auto`` picks by the format's known units (never by value range):
+    ``as_stored`` for 8-bit images, ``lung`` (W1500/L-600) for HU volumes. Or name a
+    preset (``lung``, ``mediastinum``, ``as_stored``) or ``W:L`` in HU.
+    """
+
+    format: str = "phantom"
+    root: str | None = None
+    split: str | None = None
+    labels: str | None = None
+    window: str = "auto"
+    min_area: int = 100
+    # Resize every slice to size x size (bilinear image, nearest mask); None keeps it.
+    size: int | None = None
+    # Phantom options.
+    num_samples: int = 64
+    phantom_size: int = 512
+    phantom_classes: list[str] = field(default_factory=lambda: ["normal", "cp", "covid"])
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation (spec §4.1, §8): Adam, lr 1e-5, weight decay 1e-3, batch 1."""
+
+    epochs: int = 100
+    lr: float = 1e-5
+    weight_decay: float = 1e-3
+    batch_size: int = 1
+    seed: int = 0
+    save_every: int = 10
+    # The papers skip lesion-free slices in segmentation training (no loss, no step).
+    skip_negatives: bool = True
+    num_workers: int = 0
+    device: str = "auto"
+    # Stop after this many optimiser steps per epoch (None = the whole epoch).
+    max_steps_per_epoch: int | None = None
+    # Stop the run after this many seconds (checked between steps); None = no limit.
+    time_limit_s: float | None = None
+    deterministic: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """Detection settings used when scoring (always reported next to the numbers)."""
+
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 100
+    mask_thresh: float = 0.5
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    val_data: DataConfig | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass -> plain dict (lists and scalars only), YAML/JSON safe."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    tp, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: null is not allowed")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return update_dataclass(tp(), value, key)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def update_dataclass(obj: Any, values: dict, prefix: str = "") -> Any:
+    """Set fields of ``obj`` from ``values`` (nested), type-checked; unknown keys raise."""
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(f"unknown config key {path!r}; known keys: {sorted(names)}")
+        current = getattr(obj, key)
+        tp, _ = _strip_optional(hints[key])
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            base = current if current is not None else tp()
+            setattr(obj, key, update_dataclass(base, value, path))
+        else:
+            setattr(obj, key, _coerce(value, hints[key], path))
+    return obj
+
+
+def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
+    """Apply ``key.sub=value`` strings; values are parsed as YAML (``1e-4``, ``[1,2]``, ``null``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        # YAML reads "1e-4" as a string; accept numeric strings where numbers are expected.
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value for c in ".eE") else int(value)
+            except ValueError:
+                pass
+        nested: dict = {}
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+        update_dataclass(cfg, nested)
+    return cfg
+
+
+def _read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def load_experiment(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Resolve registry defaults <- YAML file <- overrides into an :class:`ExperimentConfig`."""
+    from .registry import default_model_config  # late import: registry imports models
+
+    data = _read_yaml(path) if path is not None else {}
+    overrides = list(overrides or [])
+    model_name = data.get("model", {}).get("name", ModelConfig().name)
+    for item in overrides:
+        if item.split("=", 1)[0].strip() == "model.name":
+            model_name = yaml.safe_load(item.split("=", 1)[1])
+    cfg = ExperimentConfig(model=default_model_config(model_name))
+    try:
+        update_dataclass(cfg, data)
+        apply_overrides(cfg, overrides)
+    except ConfigError as exc:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{exc}") from None
+    return cfg
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    from .engine.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def experiment_from_dict(data: dict) -> ExperimentConfig:
+    """Rebuild a resolved config (e.g. a checkpoint's ``config.yaml``)."""
+    return update_dataclass(ExperimentConfig(), data)
