@@ -1,0 +1,675 @@
+"""Image readers behind one interface (MONAI style): files in, a :class:`Volume` out.
+
+A :class:`Volume` is a stack of axial slices ``[S, H, W]`` with explicit *units*
+(``"HU"`` or ``"stored"``, see :mod:`.windowing`), pixel spacing, the file each slice
+came from, optional canonical label maps and metadata. :func:`volume_to_samples` turns a
+volume into :class:`~ctlesion.data.sample.Sample` objects, one per slice.
+
+Readers:
+
+* :class:`PillowReader`: one 8-bit PNG/JPG/BMP/TIFF slice (units ``"stored"``).
+* :class:`DicomReader`: one DICOM file or a series folder, in HU, sorted head first.
+* :class:`NiftiReader`: a NIfTI volume in HU, with an optional label volume.
+
+:func:`read_volume` picks the reader from the path. Every error names the file.
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .masks import BACKGROUND, CONSOLIDATION, extract_instances
+from .sample import Sample, empty_target
+from .windowing import apply_window, describe_window, resolve_window
+
+__all__ = [
+    "Volume", "ImageReader", "PillowReader", "DicomReader", "NiftiReader", "IMAGE_SUFFIXES",
+    "NIFTI_SUFFIXES", "read_volume", "volume_to_samples", "make_sample", "path_stem",
+    "is_nifti", "is_image", "looks_like_dicom",
+]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_PILLOW_8BIT_MODES = {"L", "P", "RGB", "RGBA", "LA", "1", "CMYK", "YCbCr"}
+
+
+@dataclass
+class Volume:
+    """A stack of axial slices with everything needed to window and label it.
+
+    Attributes:
+        array: ``[S, H, W]``; float32 HU when ``units == "HU"``, the stored 8-bit values
+            (uint8) when ``units == "stored"``.
+        units: ``"HU"`` or ``"stored"``.
+        spacing: pixel spacing ``(row_mm, col_mm)`` when the file states it, else ``None``.
+        source: the file or series folder that was read.
+        slice_sources: one file per slice (the series folder's files for DICOM, the
+            volume file repeated for NIfTI).
+        labels: canonical label maps ``[S, H, W]`` uint8 (codes 0..3, see
+            :mod:`.masks`) or ``None``.
+        meta: reader-specific facts (``modality``, ``patient_id``, ``slice_positions``...).
+    """
+
+    array: np.ndarray
+    units: str
+    spacing: tuple[float, float] | None
+    source: str
+    slice_sources: list[str]
+    labels: np.ndarray | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.array.ndim != 3:
+            raise ValueError(f"{self.source}: volume array must be [S, H, W], got shape {self.array.shape}")
+        if len(self.slice_sources) != self.array.shape[0]:
+            raise ValueError(
+                f"{self.source}: {len(self.slice_sources)} slice sources for {self.array.shape[0]} slices"
+            )
+        if self.labels is not None and self.labels.shape != self.array.shape:
+            raise ValueError(
+                f"{self.source}: labels shape {self.labels.shape} differs from image shape {self.array.shape}"
+            )
+
+    @property
+    def num_slices(self) -> int:
+        return int(self.array.shape[0])
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def path_stem(path: str | Path) -> str:
+    """File name without its (double, for ``.nii.gz``) suffix; a folder's own name."""
+    name = Path(path).name
+    for suffix in (".nii.gz", *NIFTI_SUFFIXES, *IMAGE_SUFFIXES, ".dcm"):
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def is_nifti(path: str | Path) -> bool:
+    return Path(path).name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def is_image(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def looks_like_dicom(path: str | Path) -> bool:
+    """A ``.dcm`` name or a DICOM Part 10 file (``DICM`` after the 128-byte preamble)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.suffix.lower() == ".dcm":
+        return True
+    from pydicom.misc import is_dicom
+
+    try:
+        return bool(is_dicom(path))
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- readers
+
+
+class ImageReader(ABC):
+    """One file format. ``can_read`` looks at the path only (cheap); ``read`` loads it."""
+
+    @abstractmethod
+    def can_read(self, path: str | Path) -> bool:
+        """Whether this reader handles ``path`` (by suffix, folder or file signature)."""
+
+    @abstractmethod
+    def read(self, path: str | Path) -> Volume:
+        """Read ``path`` into a :class:`Volume`.
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+            ValueError: the file cannot be read as this format; the message names it.
+        """
+
+
+class PillowReader(ImageReader):
+    """Single 8-bit slices: PNG, JPEG, BMP, TIFF, read as one-slice ``"stored"`` volumes.
+
+    Colour images are converted to 8-bit grey (PIL mode ``'L'``). 16-bit and float
+    images (modes ``I;16``, ``I``, ``F``) are rejected: whether they hold HU, HU + 1024
+    or raw detector values is not stated, and rescaling them silently would give the
+    model inputs unlike anything it was trained on. Spacing is ``None`` (PNG/JPG do not
+    carry a trustworthy pixel spacing).
+    """
+
+    def can_read(self, path: str | Path) -> bool:
+        return is_image(path)
+
+    def read(self, path: str | Path) -> Volume:
+        from PIL import Image, UnidentifiedImageError
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+        try:
+            with Image.open(path) as img:
+                mode = img.mode
+                if mode not in _PILLOW_8BIT_MODES:
+                    raise ValueError(
+                        f"{path}: PIL mode {mode!r} is a 16-bit or float image whose intensity units "
+                        "are unknown (HU? HU+1024? raw?); refusing to rescale it. Save CT volumes as "
+                        "DICOM or NIfTI (read in HU), or as 8-bit windowed PNG/JPG"
+                    )
+                grey = img.convert("L") if mode != "L" else img
+                array = np.array(grey, dtype=np.uint8)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ValueError(f"{path}: not a readable image ({exc})") from None
+        return Volume(
+            array=array[None],
+            units="stored",
+            spacing=None,
+            source=str(path),
+            slice_sources=[str(path)],
+            meta={"mode": mode},
+        )
+
+
+def _ds_float(ds, keyword: str, default: float | None = None) -> float | None:
+    value = ds.get(keyword, None)
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+class DicomReader(ImageReader):
+    """One DICOM file or a folder holding one series, returned in Hounsfield units.
+
+    * Files in a folder that are not DICOM (no ``DICM`` preamble, or failing to parse)
+      are skipped with a warning naming them; hidden files (``.DS_Store``) are skipped
+      silently. A folder without any DICOM file is an error.
+    * ``Modality`` must be ``CT`` unless ``allow_non_ct=True`` (an MR or X-ray series
+      would be windowed as HU and give meaningless predictions).
+    * HU = stored value * ``RescaleSlope`` + ``RescaleIntercept`` (defaults 1 and 0), float32.
+    * Slices are ordered by **descending position along the slice normal**
+      (``ImagePositionPatient`` projected on ``row x col`` of ``ImageOrientationPatient``);
+      fallbacks: the z of ``ImagePositionPatient``, then ``SliceLocation`` (descending),
+      then ascending ``InstanceNumber``. For standard axial CT (normal +z = superior)
+      this is head first, i.e. descending ``SliceLocation``: COVID-CT-MD's convention,
+      in which label column ``j`` is the ``j``-th slice in that order.
+    * Slices of different sizes, or several series in one folder, are errors; duplicate
+      positions, uneven slice spacing and differing pixel spacing are warnings.
+    * Compressed transfer syntaxes (COVID-CT-MD uses JPEG Lossless) need
+      ``pylibjpeg`` + ``pylibjpeg-libjpeg``; a decode failure says so and names the file.
+
+    ``meta`` holds ``modality``, ``patient_id``, ``patient_sex``/``patient_age`` (when
+    present), ``series_uid``, ``slice_positions`` (mm, in returned order, ``None`` when
+    no position tag exists), ``sort_key`` (which tag ordered the slices),
+    ``instance_numbers`` and ``slice_spacing_mm`` (median gap, when known).
+    """
+
+    def __init__(self, allow_non_ct: bool = False) -> None:
+        self.allow_non_ct = allow_non_ct
+
+    def can_read(self, path: str | Path) -> bool:
+        path = Path(path)
+        return path.is_dir() or looks_like_dicom(path)
+
+    # -- file discovery
+    def _series_files(self, folder: Path) -> list[Path]:
+        from pydicom.misc import is_dicom
+
+        files, skipped = [], []
+        for item in sorted(folder.iterdir()):
+            if item.name.startswith(".") or not item.is_file():
+                continue
+            if is_dicom(item):
+                files.append(item)
+            else:
+                skipped.append(item.name)
+        if skipped:
+            warnings.warn(
+                f"{folder}: skipping {len(skipped)} non-DICOM file(s) (no DICM preamble): "
+                f"{', '.join(skipped[:10])}{' ...' if len(skipped) > 10 else ''}",
+                stacklevel=3,
+            )
+        if not files:
+            hint = ""
+            if any(is_image(f) or is_nifti(f) for f in folder.iterdir()):
+                hint = "; it holds images/NIfTI files: read them one by one (VolumeDataset does)"
+            raise ValueError(f"{folder}: folder holds no DICOM file (checked for the DICM preamble){hint}")
+        return files
+
+    def _load(self, files: list[Path], skip_bad: bool) -> list[tuple[Path, object]]:
+        import pydicom
+
+        loaded, bad = [], []
+        for f in files:
+            try:
+                loaded.append((f, pydicom.dcmread(f)))
+            except Exception as exc:  # InvalidDicomError, EOFError, struct.error... all mean unreadable
+                if not skip_bad:
+                    raise ValueError(f"{f}: not a readable DICOM file ({exc})") from None
+                bad.append(f"{f.name} ({exc})")
+        if bad:
+            warnings.warn(f"skipping {len(bad)} unreadable DICOM file(s): {'; '.join(bad[:5])}", stacklevel=3)
+        if not loaded:
+            raise ValueError(f"{files[0].parent}: no readable DICOM file")
+        return loaded
+
+    def _check_modality(self, loaded) -> str:
+        modalities = set()
+        for f, ds in loaded:
+            modality = str(ds.get("Modality", "") or "").strip()
+            modalities.add(modality)
+            if modality != "CT" and not self.allow_non_ct:
+                what = f"modality {modality!r}" if modality else "no Modality tag (0008,0060)"
+                raise ValueError(
+                    f"{f}: {what}, but CT is required (HU windows and the models assume CT); "
+                    "pass allow_non_ct=True to read it anyway"
+                )
+        return "/".join(sorted(modalities))
+
+    @staticmethod
+    def _positions(loaded) -> tuple[list[float] | None, str]:
+        """Scalar position per slice (larger = first) and the tag used."""
+
+        def all_have(keyword: str) -> bool:
+            return all(ds.get(keyword, None) not in (None, "") for _, ds in loaded)
+
+        if all_have("ImagePositionPatient"):
+            if all_have("ImageOrientationPatient"):
+                pos = []
+                for _, ds in loaded:
+                    iop = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
+                    normal = np.cross(iop[:3], iop[3:6])
+                    ipp = np.asarray([float(v) for v in ds.ImagePositionPatient], dtype=np.float64)
+                    pos.append(float(ipp @ normal))
+                return pos, "ImagePositionPatient.normal"
+            return [float(ds.ImagePositionPatient[2]) for _, ds in loaded], "ImagePositionPatient.z"
+        if all_have("SliceLocation"):
+            return [float(ds.SliceLocation) for _, ds in loaded], "SliceLocation"
+        if all_have("InstanceNumber"):
+            # Ascending instance number == descending position in COVID-CT-MD; no
+            # physical position is known, so slice_positions stays None.
+            return [-float(ds.InstanceNumber) for _, ds in loaded], "InstanceNumber"
+        return None, "file name"
+
+    def read(self, path: str | Path) -> Volume:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"DICOM path not found: {path}")
+        if path.is_dir():
+            loaded = self._load(self._series_files(path), skip_bad=True)
+        else:
+            loaded = self._load([path], skip_bad=False)
+        modality = self._check_modality(loaded)
+
+        series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in loaded}
+        if len(series) > 1:
+            raise ValueError(
+                f"{path}: folder mixes {len(series)} series ({', '.join(sorted(series)[:4])}); "
+                "put each series in its own folder"
+            )
+
+        positions, sort_key = self._positions(loaded)
+        if len(loaded) > 1:
+            if positions is None:
+                raise ValueError(
+                    f"{path}: slices carry neither ImagePositionPatient, SliceLocation nor "
+                    "InstanceNumber, so their order cannot be known"
+                )
+            inst = [_ds_float(ds, "InstanceNumber", 0.0) for _, ds in loaded]
+            order = sorted(range(len(loaded)), key=lambda i: (-positions[i], inst[i], loaded[i][0].name))
+            loaded = [loaded[i] for i in order]
+            positions = [positions[i] for i in order]
+
+        ref_file, ref_ds = loaded[0]
+        ref_shape = (int(ref_ds.get("Rows", 0)), int(ref_ds.get("Columns", 0)))
+        ref_spacing = ref_ds.get("PixelSpacing", None)
+        for f, ds in loaded[1:]:
+            shape = (int(ds.get("Rows", 0)), int(ds.get("Columns", 0)))
+            if shape != ref_shape:
+                raise ValueError(
+                    f"{f}: slice is {shape[0]}x{shape[1]} but {ref_file.name} is "
+                    f"{ref_shape[0]}x{ref_shape[1]}; one series must have one slice size"
+                )
+            spacing = ds.get("PixelSpacing", None)
+            if ref_spacing is not None and spacing is not None and not np.allclose(
+                [float(v) for v in spacing], [float(v) for v in ref_spacing], atol=1e-4
+            ):
+                warnings.warn(
+                    f"{f}: PixelSpacing {list(spacing)} differs from {ref_file.name} "
+                    f"{list(ref_spacing)}; using the first", stacklevel=2,
+                )
+
+        slice_spacing = None
+        if positions is not None and len(positions) > 1 and sort_key != "InstanceNumber":
+            gaps = -np.diff(np.asarray(positions))
+            dup = [loaded[i + 1][0].name for i in np.nonzero(np.abs(gaps) < 1e-3)[0]]
+            if dup:
+                warnings.warn(
+                    f"{path}: {len(dup)} slice(s) share a position with a neighbour "
+                    f"(duplicates?): {', '.join(dup[:5])}", stacklevel=2,
+                )
+            nonzero = gaps[np.abs(gaps) >= 1e-3]
+            if nonzero.size:
+                slice_spacing = float(np.median(nonzero))
+                if np.ptp(nonzero) > max(1e-2, 0.01 * abs(slice_spacing)):
+                    warnings.warn(
+                        f"{path}: uneven slice spacing ({nonzero.min():g}..{nonzero.max():g} mm); "
+                        "slices may be missing", stacklevel=2,
+                    )
+
+        slices = []
+        for f, ds in loaded:
+            stored = self._pixels(f, ds)
+            if stored.ndim == 3 and len(loaded) > 1:
+                raise ValueError(f"{f}: multi-frame file inside a series folder is not supported")
+            slope = _ds_float(ds, "RescaleSlope", 1.0)
+            intercept = _ds_float(ds, "RescaleIntercept", 0.0)
+            hu = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+            slices.append(hu if hu.ndim == 3 else hu[None])
+        array = np.concatenate(slices, axis=0).astype(np.float32, copy=False)
+        if array.shape[0] != len(loaded):  # one multi-frame file: frames in stored order
+            slice_sources = [str(loaded[0][0])] * array.shape[0]
+            positions = None
+        else:
+            slice_sources = [str(f) for f, _ in loaded]
+
+        spacing = None
+        if ref_spacing is not None and len(ref_spacing) == 2:
+            spacing = (float(ref_spacing[0]), float(ref_spacing[1]))
+        meta = {
+            "modality": modality,
+            "patient_id": str(ref_ds.get("PatientID", "") or "") or None,
+            "series_uid": str(ref_ds.get("SeriesInstanceUID", "") or "") or None,
+            "slice_positions": positions if sort_key != "InstanceNumber" else None,
+            "sort_key": sort_key,
+            "instance_numbers": [
+                int(v) if (v := _ds_float(ds, "InstanceNumber")) is not None else None for _, ds in loaded
+            ],
+            "slice_spacing_mm": slice_spacing,
+            "slice_thickness_mm": _ds_float(ref_ds, "SliceThickness"),
+            "transfer_syntax": str(getattr(ref_ds, "file_meta", {}).get("TransferSyntaxUID", "")) or None,
+        }
+        for keyword, key in (("PatientSex", "patient_sex"), ("PatientAge", "patient_age")):
+            value = str(ref_ds.get(keyword, "") or "").strip()
+            if value:
+                meta[key] = value
+        return Volume(
+            array=array, units="HU", spacing=spacing, source=str(path),
+            slice_sources=slice_sources, labels=None, meta=meta,
+        )
+
+    @staticmethod
+    def _pixels(f: Path, ds) -> np.ndarray:
+        if "PixelData" not in ds:
+            raise ValueError(f"{f}: DICOM file has no pixel data")
+        try:
+            return np.asarray(ds.pixel_array)
+        except Exception as exc:  # decoder plugins raise assorted types
+            ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+            ts_name = getattr(ts, "name", str(ts))
+            detail = " ".join(str(exc).split())
+            raise ValueError(
+                f"{f}: cannot decode pixel data (transfer syntax {ts_name}): {detail}. Compressed "
+                "DICOM such as JPEG Lossless needs the decoders: pip install pylibjpeg "
+                "pylibjpeg-libjpeg (or python-gdcm); if they are installed, the pixel data is corrupt"
+            ) from exc
+
+
+class NiftiReader(ImageReader):
+    """NIfTI volumes (``.nii``/``.nii.gz``) via nibabel, assumed to hold CT in HU.
+
+    Axes: nibabel returns voxel axes ``(X, Y, Z)`` (``i, j, k``); the volume is transposed
+    to ``(Z, Y, X)`` so that a slice is axial, rows run along ``j`` (Y) and columns along
+    ``i`` (X). No reorientation to RAS/LPS is done: slices keep the file's voxel order
+    (``meta["axcodes"]`` says what the affine means). 2-D files become one slice; 4-D
+    files need a singleton 4th axis.
+
+    Units: ``"HU"`` is an assumption, true of CT NIfTI exported from DICOM;
+    ``scl_slope``/``scl_inter`` are applied by ``get_fdata``. Spacing is
+    ``(row, col) = (Y zoom, X zoom)``.
+
+    Args:
+        labels: optional label volume path with canonical codes 0..3 (see :mod:`.masks`),
+            same voxel grid as the image; other values or another shape are errors naming
+            both files.
+    """
+
+    def __init__(self, labels: str | Path | None = None) -> None:
+        self.labels = labels
+
+    def can_read(self, path: str | Path) -> bool:
+        return is_nifti(path)
+
+    @staticmethod
+    def _load(path: Path, what: str) -> tuple[np.ndarray, object]:
+        import nibabel as nib
+
+        if not path.is_file():
+            raise FileNotFoundError(f"NIfTI {what} not found: {path}")
+        try:
+            img = nib.load(str(path))
+            data = np.asarray(img.get_fdata(dtype=np.float32))
+        except Exception as exc:  # nibabel raises ImageFileError, EOFError, zlib errors...
+            raise ValueError(f"{path}: not a readable NIfTI file ({exc})") from None
+        if data.ndim == 4 and data.shape[3] == 1:
+            data = data[..., 0]
+        if data.ndim == 2:
+            data = data[..., None]
+        if data.ndim != 3:
+            raise ValueError(f"{path}: expected a 2-D or 3-D NIfTI {what}, got shape {data.shape}")
+        return np.ascontiguousarray(data.transpose(2, 1, 0)), img
+
+    def read(self, path: str | Path) -> Volume:
+        import nibabel as nib
+
+        path = Path(path)
+        array, img = self._load(path, "image")
+        if not np.isfinite(array).all():
+            raise ValueError(f"{path}: image holds NaN or infinite values")
+        zooms = tuple(float(z) for z in img.header.get_zooms()[:3]) + (1.0, 1.0, 1.0)
+        spacing = (zooms[1], zooms[0])
+        labels = None
+        if self.labels is not None:
+            label_path = Path(self.labels)
+            raw, _ = self._load(label_path, "label volume")
+            if raw.shape != array.shape:
+                raise ValueError(
+                    f"label volume {label_path} has shape {raw.shape[::-1]} (X,Y,Z) but image "
+                    f"{path} has {array.shape[::-1]}; they must share one voxel grid"
+                )
+            values = np.unique(raw)
+            bad = [f"{v:g}" for v in values if v != round(v) or not BACKGROUND <= v <= CONSOLIDATION]
+            if bad:
+                raise ValueError(
+                    f"label volume {label_path} (for image {path}) has values [{', '.join(bad[:10])}] "
+                    "outside the canonical codes 0 bg / 1 lung / 2 GGO / 3 consolidation"
+                )
+            labels = raw.astype(np.uint8)
+        try:
+            axcodes = "".join(nib.aff2axcodes(img.affine))
+        except Exception:  # a degenerate affine: metadata only, do not fail the read
+            axcodes = None
+        meta = {
+            "modality": "CT (assumed)",
+            "axcodes": axcodes,
+            "slice_thickness_mm": zooms[2],
+            "labels_source": str(self.labels) if self.labels is not None else None,
+        }
+        return Volume(
+            array=array.astype(np.float32, copy=False), units="HU", spacing=spacing, source=str(path),
+            slice_sources=[str(path)] * array.shape[0], labels=labels, meta=meta,
+        )
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def _pick_reader(path: Path, **kw) -> ImageReader:
+    if path.is_dir():
+        cls = DicomReader
+    elif is_nifti(path):
+        cls = NiftiReader
+    elif looks_like_dicom(path):
+        cls = DicomReader
+    elif is_image(path):
+        cls = PillowReader
+    else:
+        raise ValueError(
+            f"{path}: cannot tell the format: not a folder, not DICOM (no DICM preamble), and the "
+            f"suffix is none of {', '.join(NIFTI_SUFFIXES + IMAGE_SUFFIXES + ('.dcm',))}"
+        )
+    try:
+        return cls(**kw)
+    except TypeError:
+        raise ValueError(
+            f"{path}: option(s) {sorted(kw)} do not apply to {cls.__name__}"
+        ) from None
+
+
+def read_volume(path: str | Path, reader: ImageReader | None = None, **kw) -> Volume:
+    """Read any supported input into a :class:`Volume`.
+
+    Args:
+        path: a folder (DICOM series), ``.nii``/``.nii.gz``, ``.dcm`` or any file with a
+            DICOM preamble, or an 8-bit image (``.png``, ``.jpg``, ...).
+        reader: use this reader instead of choosing by path.
+        **kw: reader options (``labels=`` for NIfTI, ``allow_non_ct=`` for DICOM).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (named).
+        ValueError: the format cannot be told or the file cannot be read (named).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input not found: {path}")
+    if reader is None:
+        reader = _pick_reader(path, **kw)
+    elif kw:
+        raise ValueError(f"{path}: pass options to the reader's constructor, not with reader= ({sorted(kw)})")
+    return reader.read(path)
+
+
+# --------------------------------------------------------------------------- samples
+
+
+def _resize(image: np.ndarray, codes: np.ndarray | None, size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    img = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    # antialias=True: downscaling then matches PIL's bilinear resize (the papers' resize).
+    img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    out = img[0, 0].clamp_(0.0, 1.0).numpy()
+    if codes is None:
+        return out, None
+    lab = torch.from_numpy(np.ascontiguousarray(codes, dtype=np.uint8))[None, None]
+    lab = F.interpolate(lab.float(), size=(size, size), mode="nearest-exact")
+    return out, lab[0, 0].to(torch.uint8).numpy()
+
+
+def make_sample(
+    pixels: np.ndarray,
+    units: str,
+    *,
+    window: str | tuple[float, float] = "auto",
+    codes: np.ndarray | None = None,
+    labelled: bool = True,
+    mask_type: str = "merge",
+    min_area: int = 100,
+    size: int | None = None,
+    sample_id: str,
+    source: str,
+    spacing: tuple[float, float] | None = None,
+    slice_index: int = 0,
+    meta: dict | None = None,
+) -> Sample:
+    """One 2-D slice to a :class:`Sample`: window, optional resize, instance targets.
+
+    Args:
+        pixels: ``[H, W]`` intensities in ``units``.
+        units: ``"HU"`` or ``"stored"``.
+        window: window spec for :func:`~.windowing.apply_window`.
+        codes: canonical label map ``[H, W]`` (0..3) or ``None``.
+        labelled: when ``codes`` is ``None``: ``True`` gives an empty (negative) target,
+            ``False`` gives ``target=None`` (unlabelled input).
+        mask_type, min_area: passed to :func:`~.masks.extract_instances`.
+        size: resize to ``size x size`` (bilinear image, nearest labels); spacing is
+            scaled to stay physical.
+    """
+    if pixels.ndim != 2:
+        raise ValueError(f"{source}: slice must be 2-D, got shape {pixels.shape}")
+    if size is not None and (not isinstance(size, int) or size < 1):
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    image = apply_window(pixels, window, units, source)
+    height, width = image.shape
+    if size is not None and (height, width) != (size, size):
+        image, codes = _resize(image, codes, size)
+        if spacing is not None:
+            spacing = (spacing[0] * height / size, spacing[1] * width / size)
+    if codes is not None:
+        target = extract_instances(codes, mask_type, min_area)
+    elif labelled:
+        target = empty_target(*image.shape)
+    else:
+        target = None
+    info = {"units": units, "window": describe_window(
+        window if isinstance(window, tuple) else resolve_window(window, units, source)
+    )}
+    info.update(meta or {})
+    return Sample(
+        image=torch.from_numpy(np.ascontiguousarray(image))[None],
+        target=target,
+        sample_id=sample_id,
+        source=source,
+        spacing=spacing,
+        slice_index=slice_index,
+        meta=info,
+    )
+
+
+def volume_to_samples(
+    volume: Volume,
+    window: str = "auto",
+    mask_type: str = "merge",
+    min_area: int = 100,
+    size: int | None = None,
+) -> Iterator[Sample]:
+    """Yield one :class:`Sample` per slice of ``volume``, in volume order.
+
+    ``image`` is the windowed slice ``[1, H, W]`` float32; ``target`` comes from
+    :func:`~.masks.extract_instances` when the volume has labels, else ``None``;
+    ``sample_id`` is ``<stem>#<i:04d>`` for multi-slice volumes and ``<stem>`` for a
+    single slice; ``source`` is the slice's own file. The window is checked against
+    the volume's units before the first slice (a mismatch raises ``ValueError``).
+    """
+    resolved = resolve_window(window, volume.units, volume.source)
+    stem = path_stem(volume.source)
+    positions = volume.meta.get("slice_positions")
+    for i in range(volume.num_slices):
+        meta = {}
+        if positions is not None and i < len(positions):
+            meta["slice_position"] = positions[i]
+        yield make_sample(
+            volume.array[i],
+            volume.units,
+            window=resolved,
+            codes=None if volume.labels is None else volume.labels[i],
+            labelled=False,
+            mask_type=mask_type,
+            min_area=min_area,
+            size=size,
+            sample_id=f"{stem}#{i:04d}" if volume.num_slices > 1 else stem,
+            source=volume.slice_sources[i],
+            spacing=volume.spacing,
+            slice_index=i,
+            meta=meta,
+        )
