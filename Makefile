@@ -1,0 +1,27 @@
+# ctlesion: `make demo` runs the main job on built-in synthetic data; `make test` runs the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch/torchvision pinned to the releases this project is developed and tested with;
+# the package itself accepts torch>=2.11 / torchvision>=0.26.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test install clean
+
+$(BIN)/ctlesion: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_PINS)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+install: $(BIN)/ctlesion
+
+demo: install
+	$(BIN)/ctlesion demo --out demo-output
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf demo-output .pytest_cache build *.egg-info src/*.egg-info

@@ -1,0 +1,201 @@
+"""Segmentation training: Adam, JSONL loss log, atomic checkpoints, exact resume.
+
+Exact resume rests on three things: the sample order of an epoch is a pure function of
+``(seed, epoch)``; the global torch RNG (used by torchvision's RPN/RoI samplers) is saved
+with each checkpoint; and the position inside the epoch is saved too, so a run stopped by
+its time limit continues with the very next batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..config import ExperimentConfig, save_config
+from ..data.sample import Sample, collate_samples
+from .checkpoint import load_checkpoint, load_train_state, save_checkpoint
+
+__all__ = ["NonFiniteLossError", "TrainResult", "train_segmentation", "resolve_device", "epoch_order"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or infinite; the message names the epoch, step, samples and terms."""
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    checkpoint: Path
+    epochs_done: int
+    steps: int
+    stopped_early: bool
+    seconds: float
+    last_losses: dict[str, float]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled sample order of one epoch, a pure function of (seed, epoch)."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(num_samples, generator=gen).tolist()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_device(samples: list[Sample], device: torch.device):
+    images = [s.image.to(device) for s in samples]
+    targets = [{k: v.to(device) for k, v in s.target.items()} for s in samples]
+    return images, targets
+
+
+def _has_lesions(sample: Sample) -> bool:
+    return sample.target is not None and len(sample.target["boxes"]) > 0
+
+
+def train_segmentation(
+    cfg: ExperimentConfig, out_dir: str | Path, *, resume: str | Path | bool = False,
+    progress: bool = True, dataset=None,
+) -> TrainResult:
+    """Train a detector as ``cfg`` says and write everything under ``out_dir``.
+
+    Writes ``config.yaml`` (resolved), ``train_log.jsonl`` (one line per step with every
+    loss term and the sample ids), ``epoch-NNNN/`` every ``save_every`` epochs and
+    ``checkpoint/`` (the latest, also written at the end or on the time limit).
+    ``resume=True`` continues from ``out_dir/checkpoint``; a path continues from there.
+    A non-finite loss raises :class:`NonFiniteLossError` naming the batch.
+    """
+    from ..data.datasets import build_dataset
+    from ..registry import create_model
+
+    start = time.monotonic()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    if tc.deterministic:
+        torch.use_deterministic_algorithms(True)
+    _seed_everything(tc.seed)
+
+    if dataset is None:
+        dataset = build_dataset(cfg.data, cfg.model.detector.mask_type)
+    if len(dataset) == 0:
+        raise ValueError("the training dataset is empty")
+
+    epoch, batch_pos, step = 0, 0, 0
+    if resume:
+        ckpt = out_dir / "checkpoint" if resume is True else Path(resume)
+        model, _, meta = load_checkpoint(ckpt)
+        state = load_train_state(ckpt)
+        epoch, batch_pos, step = state["epoch"], state["batch_pos"], state["step"]
+    else:
+        model = create_model(cfg.model)
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    if resume:
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+    save_config(cfg, out_dir / "config.yaml")
+
+    log_path = out_dir / "train_log.jsonl"
+    log = open(log_path, "a", buffering=1)
+    if resume:
+        log.write(json.dumps({"event": "resume", "epoch": epoch, "batch_pos": batch_pos, "step": step}) + "\n")
+
+    def checkpoint(path: Path, epoch_: int, batch_pos_: int) -> Path:
+        state = {
+            "epoch": epoch_, "batch_pos": batch_pos_, "step": step,
+            "optimizer": optimizer.state_dict(), "rng": _rng_state(),
+        }
+        return save_checkpoint(path, model, cfg, epoch=epoch_, step=step, train_state=state)
+
+    batches_per_epoch = math.ceil(len(dataset) / tc.batch_size)
+    if tc.max_steps_per_epoch is not None:
+        batches_per_epoch = min(batches_per_epoch, tc.max_steps_per_epoch)
+    last_losses: dict[str, float] = {}
+    stopped_early = False
+    bar = tqdm(total=tc.epochs * batches_per_epoch, initial=epoch * batches_per_epoch + batch_pos,
+               disable=not progress, desc="train", unit="step", dynamic_ncols=True)
+    try:
+        while epoch < tc.epochs:
+            order = epoch_order(len(dataset), tc.seed, epoch)
+            batches = [order[i:i + tc.batch_size] for i in range(0, len(order), tc.batch_size)]
+            batches = batches[:batches_per_epoch]
+            # The loader gets its own generator: creating an iterator otherwise draws a seed
+            # from the global RNG, and a resumed run creates one more iterator than a straight run.
+            loader = DataLoader(dataset, batch_sampler=batches[batch_pos:], collate_fn=collate_samples,
+                                num_workers=tc.num_workers,
+                                generator=torch.Generator().manual_seed(tc.seed + epoch))
+            model.train()
+            for samples in loader:
+                if tc.time_limit_s is not None and time.monotonic() - start > tc.time_limit_s:
+                    stopped_early = True
+                    break
+                batch_pos += 1
+                bar.update(1)
+                if tc.skip_negatives:
+                    samples = [s for s in samples if _has_lesions(s)]
+                if not samples:
+                    continue
+                images, targets = _to_device(samples, device)
+                losses = model(images, targets)
+                total = sum(losses.values())
+                values = {k: float(v.detach()) for k, v in losses.items()}
+                ids = [s.sample_id for s in samples]
+                if not math.isfinite(float(total.detach())):
+                    raise NonFiniteLossError(
+                        f"non-finite loss at epoch {epoch + 1}, step {step + 1}, samples {ids}: {values}"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                step += 1
+                last_losses = {"loss": float(total.detach()), **values}
+                log.write(json.dumps({"epoch": epoch + 1, "step": step, "samples": ids, **last_losses}) + "\n")
+                bar.set_postfix(epoch=epoch + 1, loss=f"{last_losses['loss']:.3f}")
+            if stopped_early:
+                break
+            epoch, batch_pos = epoch + 1, 0
+            if epoch % tc.save_every == 0 or epoch == tc.epochs:
+                checkpoint(out_dir / f"epoch-{epoch:04d}", epoch, 0)
+                checkpoint(out_dir / "checkpoint", epoch, 0)
+    finally:
+        bar.close()
+        log.close()
+    if stopped_early:
+        checkpoint(out_dir / "checkpoint", epoch, batch_pos)
+    return TrainResult(out_dir, out_dir / "checkpoint", epoch, step, stopped_early,
+                       time.monotonic() - start, last_losses)

@@ -1,0 +1,123 @@
+"""Training engine: exact resume, loss log, non-finite loss stop, negatives."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ctlesion.config import load_experiment
+from ctlesion.data.sample import Sample, empty_target
+from ctlesion.engine.checkpoint import load_checkpoint, load_train_state
+from ctlesion.engine.train import NonFiniteLossError, epoch_order, train_segmentation
+
+SIZE = 48
+
+
+def _square_sample(i: int, lesion: bool = True, nan: bool = False) -> Sample:
+    gen = torch.Generator().manual_seed(i)
+    image = 0.2 * torch.rand(1, SIZE, SIZE, generator=gen)
+    target = empty_target(SIZE, SIZE)
+    if lesion:
+        x, y = 6 + 3 * (i % 5), 8 + 2 * (i % 7)
+        image[:, y:y + 14, x:x + 16] += 0.6
+        mask = torch.zeros(1, SIZE, SIZE, dtype=torch.uint8)
+        mask[0, y:y + 14, x:x + 16] = 1
+        target = {"boxes": torch.tensor([[x, y, x + 16, y + 14]], dtype=torch.float32),
+                  "labels": torch.tensor([1]), "masks": mask}
+    if nan:
+        image[0, 0, 0] = float("nan")
+    return Sample(image=image, target=target, sample_id=f"sq-{i}", source="synthetic")
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.samples[i]
+
+
+def _cfg(*extra):
+    return load_experiment(None, [
+        "model.name=maskrcnn-r18-s2", f"model.detector.min_size={SIZE}", f"model.detector.max_size={SIZE}",
+        "model.detector.rpn_pre_nms_top_n_train=200", "model.detector.rpn_post_nms_top_n_train=100",
+        "model.detector.box_batch_size_per_image=32", "train.lr=1e-3", "train.batch_size=2",
+        "train.save_every=1", "train.skip_negatives=false", *extra,
+    ])
+
+
+def _steps(log_path):
+    return [json.loads(line) for line in log_path.read_text().splitlines() if '"step"' in line and "event" not in line]
+
+
+def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
+    assert epoch_order(10, 3, 1) == epoch_order(10, 3, 1)
+    assert epoch_order(10, 3, 1) != epoch_order(10, 3, 2)
+    assert sorted(epoch_order(10, 3, 1)) == list(range(10))
+
+
+def test_resume_continues_with_the_same_next_loss(tmp_path):
+    data = ListDataset([_square_sample(i, lesion=i % 3 != 0) for i in range(6)])
+    straight = train_segmentation(_cfg("train.epochs=2"), tmp_path / "a", dataset=data, progress=False)
+    assert straight.epochs_done == 2 and straight.steps == 6
+
+    train_segmentation(_cfg("train.epochs=1"), tmp_path / "b", dataset=data, progress=False)
+    resumed = train_segmentation(_cfg("train.epochs=2"), tmp_path / "b", dataset=data, progress=False,
+                                 resume=True)
+    assert resumed.steps == 6
+    a, b = _steps(tmp_path / "a" / "train_log.jsonl"), _steps(tmp_path / "b" / "train_log.jsonl")
+    assert [s["samples"] for s in a] == [s["samples"] for s in b]
+    assert [s["loss"] for s in a] == [s["loss"] for s in b]  # bit-identical on CPU
+    wa = load_checkpoint(tmp_path / "a" / "checkpoint")[0].state_dict()
+    wb = load_checkpoint(tmp_path / "b" / "checkpoint")[0].state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (tmp_path / "b" / "epoch-0001").is_dir() and (tmp_path / "b" / "epoch-0002").is_dir()
+
+
+def test_time_limit_stops_mid_epoch_and_resume_picks_up_the_next_batch(tmp_path, monkeypatch):
+    data = ListDataset([_square_sample(i) for i in range(6)])
+    train_segmentation(_cfg("train.epochs=1"), tmp_path / "ref", dataset=data, progress=False)
+
+    clock = iter(range(1000))
+    monkeypatch.setattr("ctlesion.engine.train.time.monotonic", lambda: float(next(clock)))
+    # The clock ticks once at start and once per batch check: a limit of 2.5 s allows two batches.
+    first = train_segmentation(_cfg("train.epochs=1", "train.time_limit_s=2.5"), tmp_path / "cut",
+                               dataset=data, progress=False)
+    monkeypatch.undo()
+    assert first.stopped_early and first.steps == 2
+    assert load_train_state(tmp_path / "cut" / "checkpoint")["batch_pos"] == 2
+    train_segmentation(_cfg("train.epochs=1"), tmp_path / "cut", dataset=data, progress=False, resume=True)
+    ref, cut = _steps(tmp_path / "ref" / "train_log.jsonl"), _steps(tmp_path / "cut" / "train_log.jsonl")
+    assert [s["loss"] for s in ref] == [s["loss"] for s in cut]
+
+
+def test_log_has_every_loss_term_and_the_config_is_saved(tmp_path):
+    data = ListDataset([_square_sample(i) for i in range(2)])
+    train_segmentation(_cfg("train.epochs=1"), tmp_path, dataset=data, progress=False)
+    (line,) = _steps(tmp_path / "train_log.jsonl")
+    assert {"loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness",
+            "loss_rpn_box_reg", "epoch", "step", "samples"} <= set(line)
+    assert abs(line["loss"] - sum(v for k, v in line.items() if k.startswith("loss_"))) < 1e-4
+    assert load_experiment(None).train.lr == 1e-5  # defaults untouched
+    saved = (tmp_path / "config.yaml").read_text()
+    assert "maskrcnn-r18-s2" in saved and "lr: 0.001" in saved
+
+
+def test_non_finite_loss_stops_and_names_the_batch(tmp_path):
+    data = ListDataset([_square_sample(0, nan=True), _square_sample(1, nan=True)])
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 1, samples \['sq-"):
+        train_segmentation(_cfg("train.epochs=1"), tmp_path, dataset=data, progress=False)
+
+
+def test_negatives_are_skipped_when_the_papers_say_so(tmp_path):
+    data = ListDataset([_square_sample(i, lesion=False) for i in range(4)])
+    skipped = train_segmentation(_cfg("train.epochs=1", "train.skip_negatives=true"), tmp_path / "s",
+                                 dataset=data, progress=False)
+    assert skipped.steps == 0
+    trained = train_segmentation(_cfg("train.epochs=1"), tmp_path / "t", dataset=data, progress=False)
+    assert trained.steps == 2
