@@ -113,6 +113,8 @@ class DataConfig:
     min_area: int = 100
     # Resize every slice to size x size (bilinear image, nearest mask); None keeps it.
     size: int | None = None
+    # Keep every decoded sample in memory after its first use (small sets, many epochs).
+    cache: bool = False
     # Phantom options.
     num_samples: int = 64
     phantom_size: int = 512
@@ -127,6 +129,9 @@ class TrainConfig:
     epochs: int = 100
     lr: float = 1e-5
     weight_decay: float = 1e-3
+    # "constant" (the papers) or "cosine" (decay to lr * min_lr_ratio over the run).
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.01
     batch_size: int = 1
     seed: int = 0
     save_every: int = 10

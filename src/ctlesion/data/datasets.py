@@ -35,7 +35,7 @@ from .sample import Sample
 from .windowing import resolve_window
 
 __all__ = [
-    "LAYOUTS", "FORMATS", "LesionFolderDataset", "VolumeDataset", "build_dataset",
+    "LAYOUTS", "FORMATS", "LesionFolderDataset", "VolumeDataset", "CachedDataset", "build_dataset",
     "parse_data_spec", "discover_inputs",
 ]
 
@@ -407,7 +407,31 @@ class VolumeDataset(Dataset):
 # --------------------------------------------------------------------------- config
 
 
+class CachedDataset(Dataset):
+    """Remembers each sample after its first read: decoding or drawing happens once per
+    run instead of once per epoch. Holds every sample in memory, so use it for small sets."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self._cache: dict[int, Sample] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Sample:
+        if index not in self._cache:
+            self._cache[index] = self.dataset[index]
+        return self._cache[index]
+
+
 def build_dataset(cfg: DataConfig, mask_type: str) -> Dataset:
+    """The dataset a :class:`~ctlesion.config.DataConfig` describes (cached in memory if
+    ``cfg.cache``)."""
+    dataset = _build_dataset(cfg, mask_type)
+    return CachedDataset(dataset) if cfg.cache else dataset
+
+
+def _build_dataset(cfg: DataConfig, mask_type: str) -> Dataset:
     """The dataset a :class:`~ctlesion.config.DataConfig` describes.
 
     Raises:
@@ -420,7 +444,8 @@ def build_dataset(cfg: DataConfig, mask_type: str) -> Dataset:
         from .phantom import PhantomDataset  # late: optional module, heavy to build
 
         return PhantomDataset(
-            cfg.num_samples, cfg.phantom_size, cfg.seed, cfg.phantom_classes, mask_type, cfg.min_area
+            cfg.num_samples, cfg.phantom_size, cfg.seed, cfg.phantom_classes, mask_type, cfg.min_area,
+            window=cfg.window,
         )
     if not cfg.root:
         raise ValueError(f"data.root is required for format {cfg.format!r}")

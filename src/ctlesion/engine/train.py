@@ -24,7 +24,9 @@ from ..config import ExperimentConfig, save_config
 from ..data.sample import Sample, collate_samples
 from .checkpoint import load_checkpoint, load_train_state, save_checkpoint
 
-__all__ = ["NonFiniteLossError", "TrainResult", "train_segmentation", "resolve_device", "epoch_order"]
+__all__ = [
+    "NonFiniteLossError", "TrainResult", "train_segmentation", "resolve_device", "epoch_order", "scheduled_lr",
+]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -55,6 +57,17 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
     """The shuffled sample order of one epoch, a pure function of (seed, epoch)."""
     gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(num_samples, generator=gen).tolist()
+
+
+def scheduled_lr(tc, step: int, total_steps: int) -> float:
+    """Learning rate for optimiser step ``step`` (0-based): a pure function of the step,
+    so a resumed run needs no scheduler state."""
+    if tc.lr_schedule == "constant":
+        return tc.lr
+    if tc.lr_schedule == "cosine":
+        progress = min(step / max(total_steps, 1), 1.0)
+        return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    raise ValueError(f"train.lr_schedule must be 'constant' or 'cosine', not {tc.lr_schedule!r}")
 
 
 def _seed_everything(seed: int) -> None:
@@ -145,6 +158,8 @@ def train_segmentation(
     batches_per_epoch = math.ceil(len(dataset) / tc.batch_size)
     if tc.max_steps_per_epoch is not None:
         batches_per_epoch = min(batches_per_epoch, tc.max_steps_per_epoch)
+    total_batches = tc.epochs * batches_per_epoch
+    scheduled_lr(tc, 0, total_batches)  # fail early on a bad schedule name
     last_losses: dict[str, float] = {}
     stopped_early = False
     bar = tqdm(total=tc.epochs * batches_per_epoch, initial=epoch * batches_per_epoch + batch_pos,
@@ -161,6 +176,7 @@ def train_segmentation(
                                 generator=torch.Generator().manual_seed(tc.seed + epoch))
             model.train()
             for samples in loader:
+                batch_index = epoch * batches_per_epoch + batch_pos
                 if tc.time_limit_s is not None and time.monotonic() - start > tc.time_limit_s:
                     stopped_early = True
                     break
@@ -181,9 +197,11 @@ def train_segmentation(
                     )
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
+                for group in optimizer.param_groups:
+                    group["lr"] = scheduled_lr(tc, batch_index, total_batches)
                 optimizer.step()
                 step += 1
-                last_losses = {"loss": float(total.detach()), **values}
+                last_losses = {"loss": float(total.detach()), **values, "lr": optimizer.param_groups[0]["lr"]}
                 log.write(json.dumps({"epoch": epoch + 1, "step": step, "samples": ids, **last_losses}) + "\n")
                 bar.set_postfix(epoch=epoch + 1, loss=f"{last_losses['loss']:.3f}")
             if stopped_early:

@@ -1,0 +1,115 @@
+"""``ctlesion demo``: the whole segmentation workflow on built-in synthetic phantoms.
+
+Generates phantoms (Normal / CP / COVID-like slices), trains a small lesion detector on
+the CPU for a few minutes, evaluates it on held-out phantoms with the papers' legacy
+metric and pycocotools, and draws overlays. Everything lands in ``OUT/segmentation``:
+``config.yaml``, ``train_log.jsonl``, ``checkpoint/`` (usable by ``ctlesion evaluate``
+and ``ctlesion predict``), ``metrics.json`` and ``overlays/``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from .config import DataConfig, EvalConfig, ExperimentConfig, TrainConfig
+from .registry import default_model_config
+
+__all__ = ["demo_config", "run_demo"]
+
+DEMO_SIZE = 192
+TRAIN_SEED, HELDOUT_SEED = 1, 10_001
+
+
+def demo_config(quick: bool = False) -> ExperimentConfig:
+    """The demo's experiment: a ResNet18 cut after layer2 (stride 8) at 192 px.
+
+    Departures from the papers' settings, and why: lr 1e-3 with cosine decay instead of a
+    constant 1e-5 (minutes, not hours, of training); 64 sampled RoIs per image, not 256 (CPU time); negatives are trained on (they teach the model to stay quiet on
+    Normal phantoms, which the legacy metric rewards); the detector works at the
+    phantoms' native 192 px instead of 512 (at 128 px a 10-px lesion spans about one
+    stride-8 cell and boxes stay loose: legacy mAP 0.52 vs 0.69 at 192 px, measured).
+    """
+    model = default_model_config("maskrcnn-r18-s2")
+    model.detector = replace(
+        model.detector,
+        mask_type="both",
+        min_size=DEMO_SIZE,
+        max_size=DEMO_SIZE,
+        rpn_pre_nms_top_n_train=1000,
+        rpn_post_nms_top_n_train=500,
+        rpn_pre_nms_top_n_test=500,
+        rpn_post_nms_top_n_test=300,
+        # 64 sampled RoIs per image instead of 256: the RoIAlign backward and the mask
+        # head over the positives dominate a CPU step (profiled), and phantoms have few lesions.
+        box_batch_size_per_image=64,
+        box_positive_fraction=0.5,
+    )
+    data = DataConfig(format="phantom", num_samples=240, phantom_size=DEMO_SIZE, seed=TRAIN_SEED,
+                      min_area=45, cache=True)
+    train = TrainConfig(
+        epochs=2 if quick else 8, lr=1e-3, weight_decay=1e-4, lr_schedule="cosine",
+        batch_size=4, seed=0, save_every=5, skip_negatives=False,
+        max_steps_per_epoch=3 if quick else None,
+        # A safety net only: the run is sized to finish in about 5 minutes on 2 cores.
+        time_limit_s=None if quick else 480.0,
+    )
+    val = replace(data, num_samples=12 if quick else 48, seed=HELDOUT_SEED)
+    return ExperimentConfig(model=model, data=data, val_data=val, train=train,
+                            eval=EvalConfig(score_thresh=0.5, nms_thresh=0.5, detections_per_img=100))
+
+
+def run_demo(out: str | Path = "demo-output", quick: bool = False, progress: bool = True) -> dict:
+    """Run the demo; returns the held-out metrics (also in ``OUT/segmentation/metrics.json``)."""
+    import torch
+
+    from .data.datasets import build_dataset
+    from .engine.checkpoint import load_checkpoint
+    from .engine.evaluate import evaluate_segmentation, write_json
+    from .engine.train import resolve_device, train_segmentation
+    from .viz import contact_sheet, draw_overlay, save_overlay
+
+    start = time.monotonic()
+    seg_dir = Path(out) / "segmentation"
+    cfg = demo_config(quick)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    print(f"[demo] training {cfg.model.name} on {cfg.data.num_samples} synthetic phantoms "
+          f"({DEMO_SIZE} px) for up to {cfg.train.epochs} epochs"
+          + (f" / {cfg.train.time_limit_s:.0f} s" if cfg.train.time_limit_s else ""))
+    result = train_segmentation(cfg, seg_dir, progress=progress)
+    print(f"[demo] trained {result.steps} steps in {result.seconds:.0f} s")
+
+    model, _, _ = load_checkpoint(result.checkpoint)
+    heldout = build_dataset(cfg.val_data, cfg.model.detector.mask_type)
+    print(f"[demo] evaluating on {len(heldout)} held-out phantoms (seed {cfg.val_data.seed})")
+    metrics, kept = evaluate_segmentation(model, heldout, cfg.eval, resolve_device(cfg.train.device),
+                                          progress=progress, keep=12)
+    metrics["data"] = f"phantom:n={len(heldout)},size={DEMO_SIZE},seed={cfg.val_data.seed}"
+    metrics["checkpoint"] = str(result.checkpoint)
+    metrics["train_seconds"] = round(result.seconds, 1)
+    write_json(seg_dir / "metrics.json", metrics)
+
+    overlay_dir = seg_dir / "overlays"
+    tiles = []
+    for sample, pred in kept:
+        tile = draw_overlay(sample.image, prediction=pred, class_names=model.class_names,
+                            target=sample.target, score_threshold=cfg.eval.score_thresh,
+                            title=sample.sample_id.split("-")[-1])
+        tiles.append(tile)
+        save_overlay(overlay_dir / f"{sample.sample_id}.png", sample.image, prediction=pred,
+                     class_names=model.class_names, target=sample.target,
+                     score_threshold=cfg.eval.score_thresh, title=sample.sample_id)
+    if tiles:
+        contact_sheet(tiles, columns=4).save(seg_dir / "overlays.png")
+
+    leg, coco = metrics["legacy"], metrics["coco"]
+    print(f"[demo] held-out legacy AP50 {leg['AP50']:.3f}  AP75 {leg['AP75']:.3f}  mAP {leg['mAP']:.3f} "
+          f"(score threshold {cfg.eval.score_thresh})")
+    print(f"[demo] held-out COCO segm AP {coco['segm']['AP']:.3f}  AP50 {coco['segm']['AP50']:.3f}; "
+          f"bbox AP {coco['bbox']['AP']:.3f}")
+    print(f"[demo] metrics:    {seg_dir / 'metrics.json'}")
+    print(f"[demo] checkpoint: {result.checkpoint}")
+    print(f"[demo] pictures:   {seg_dir / 'overlays.png'} (contact sheet) and {overlay_dir}/")
+    print(f"[demo] done in {time.monotonic() - start:.0f} s")
+    return metrics
