@@ -338,3 +338,25 @@ def test_parse_phantom(spec, expected):
 def test_parse_data_spec_errors(spec, error, match):
     with pytest.raises(error, match=match):
         parse_data_spec(spec)
+
+
+def test_cache_reads_each_sample_once():
+    from ctlesion.config import DataConfig
+    from ctlesion.data.datasets import CachedDataset, build_dataset
+
+    cfg = DataConfig(format="phantom", num_samples=3, phantom_size=64, min_area=4, cache=True)
+    dataset = build_dataset(cfg, "both")
+    assert isinstance(dataset, CachedDataset) and len(dataset) == 3
+    calls = []
+    inner = dataset.dataset
+    original = inner.__class__.__getitem__
+    inner.__class__.__getitem__ = lambda self, i: calls.append(i) or original(self, i)
+    try:
+        first = [dataset[i] for i in range(3)]
+        again = [dataset[i] for i in range(3)]
+    finally:
+        inner.__class__.__getitem__ = original
+    assert calls == [0, 1, 2]
+    assert all(a is b for a, b in zip(first, again))
+    assert not isinstance(build_dataset(DataConfig(format="phantom", num_samples=1, phantom_size=64), "merge"),
+                          CachedDataset)

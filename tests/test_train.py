@@ -121,3 +121,48 @@ def test_negatives_are_skipped_when_the_papers_say_so(tmp_path):
     assert skipped.steps == 0
     trained = train_segmentation(_cfg("train.epochs=1"), tmp_path / "t", dataset=data, progress=False)
     assert trained.steps == 2
+
+
+def test_cosine_schedule_is_a_pure_function_of_the_step():
+    from ctlesion.config import TrainConfig
+    from ctlesion.engine.train import scheduled_lr
+
+    tc = TrainConfig(lr=1e-3, lr_schedule="cosine", min_lr_ratio=0.01)
+    lrs = [scheduled_lr(tc, s, 100) for s in range(101)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[50] == pytest.approx(0.505e-3) and lrs[100] == pytest.approx(1e-5)
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert scheduled_lr(TrainConfig(lr=2e-5), 77, 100) == 2e-5  # the papers: constant
+    with pytest.raises(ValueError, match="lr_schedule"):
+        scheduled_lr(TrainConfig(lr_schedule="step"), 0, 10)
+
+
+def test_cosine_run_logs_the_decaying_lr(tmp_path):
+    data = ListDataset([_square_sample(i) for i in range(4)])
+    train_segmentation(_cfg("train.epochs=2", "train.lr_schedule=cosine"), tmp_path, dataset=data, progress=False)
+    lrs = [s["lr"] for s in _steps(tmp_path / "train_log.jsonl")]
+    assert len(lrs) == 4 and lrs[0] == pytest.approx(1e-3) and lrs == sorted(lrs, reverse=True)
+
+
+def test_validation_is_logged_and_does_not_change_training(tmp_path):
+    from ctlesion.config import DataConfig
+
+    data = ListDataset([_square_sample(i) for i in range(4)])
+    val = ["val_data.format=phantom", "val_data.num_samples=3", f"val_data.phantom_size={SIZE}",
+           "val_data.min_area=4"]
+    plain = train_segmentation(_cfg("train.epochs=2", "train.save_every=5"), tmp_path / "plain",
+                               dataset=data, progress=False)
+    checked = train_segmentation(_cfg("train.epochs=2", "train.save_every=5", "train.eval_every=1", *val),
+                                 tmp_path / "val", dataset=data, progress=False)
+    assert plain.steps == checked.steps == 4
+    lines = [json.loads(x) for x in (tmp_path / "val" / "train_log.jsonl").read_text().splitlines()]
+    events = [x for x in lines if x.get("event") == "validation"]
+    assert [e["epoch"] for e in events] == [1, 2]
+    assert all(0.0 <= e["legacy_mAP"] <= 1.0 for e in events)
+    # Validation forces a checkpoint of the epoch it scored, with its metrics beside the weights.
+    metrics = json.loads((tmp_path / "val" / "epoch-0001" / "metrics.json").read_text())
+    assert metrics["num_images"] == 3 and "legacy" in metrics and "coco" in metrics
+    assert not (tmp_path / "plain" / "epoch-0001").exists()
+    # Scoring draws nothing from the training RNG: both runs train identically.
+    assert [s["loss"] for s in _steps(tmp_path / "plain" / "train_log.jsonl")] == \
+           [s["loss"] for s in _steps(tmp_path / "val" / "train_log.jsonl")]
+    assert DataConfig().cache is False

@@ -135,6 +135,8 @@ class TrainConfig:
     batch_size: int = 1
     seed: int = 0
     save_every: int = 10
+    # Score ``val_data`` (legacy + COCO mAP) every N epochs and at the end; None = never.
+    eval_every: int | None = None
     # The papers skip lesion-free slices in segmentation training (no loss, no step).
     skip_negatives: bool = True
     num_workers: int = 0

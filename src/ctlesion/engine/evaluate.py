@@ -56,7 +56,8 @@ def evaluate_segmentation(
     from ..metrics import coco_map, legacy_map
 
     set_detection_settings(model, eval_cfg.score_thresh, eval_cfg.nms_thresh, eval_cfg.detections_per_img)
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_samples)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_samples,
+                        generator=torch.Generator())  # leaves the global RNG alone
     predictions, targets, kept = [], [], []
     for sample, pred in run_detector(model, loader, device, eval_cfg.mask_thresh, progress, len(loader)):
         if sample.target is None:

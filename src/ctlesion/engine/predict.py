@@ -75,7 +75,7 @@ def predict_inputs(
         set_detection_settings(model, score_thresh=score_thresh)
     class_names = tuple(getattr(model, "class_names", ("lesion",)))
     draw_thresh = float(model.roi_heads.score_thresh)
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_samples)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_samples, generator=torch.Generator())
     slices = with_lesions = detections = 0
     pred_path = out_dir / "predictions.jsonl"
     tmp_path = out_dir / ".predictions.jsonl.partial"

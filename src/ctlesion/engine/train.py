@@ -99,6 +99,26 @@ def _has_lesions(sample: Sample) -> bool:
     return sample.target is not None and len(sample.target["boxes"]) > 0
 
 
+def _validate(model, dataset, cfg: ExperimentConfig, device, epoch: int, step: int, log, ckpt: Path,
+              progress: bool) -> None:
+    """Score the validation set; log a summary line and write ``metrics.json`` into ``ckpt``.
+
+    Runs after the checkpoint is written, and draws nothing from the global RNG, so a
+    resumed run trains exactly as an uninterrupted one.
+    """
+    from .evaluate import evaluate_segmentation, write_json
+
+    metrics, _ = evaluate_segmentation(model, dataset, cfg.eval, device, progress=progress)
+    model.train()
+    write_json(ckpt / "metrics.json", metrics)
+    summary = {f"legacy_{k}": metrics["legacy"][k] for k in ("AP50", "AP75", "mAP")}
+    summary.update({f"coco_segm_{k}": metrics["coco"]["segm"][k] for k in ("AP", "AP50", "AP75")})
+    log.write(json.dumps({"event": "validation", "epoch": epoch, "step": step, **summary}) + "\n")
+    if progress:
+        tqdm.write(f"epoch {epoch}: validation legacy mAP {summary['legacy_mAP']:.4f}, "
+                   f"COCO segm AP {summary['coco_segm_AP']:.4f}")
+
+
 def train_segmentation(
     cfg: ExperimentConfig, out_dir: str | Path, *, resume: str | Path | bool = False,
     progress: bool = True, dataset=None,
@@ -107,7 +127,10 @@ def train_segmentation(
 
     Writes ``config.yaml`` (resolved), ``train_log.jsonl`` (one line per step with every
     loss term and the sample ids), ``epoch-NNNN/`` every ``save_every`` epochs and
-    ``checkpoint/`` (the latest, also written at the end or on the time limit).
+    ``checkpoint/`` (the latest, also written at the end or on the time limit). With
+    ``train.eval_every`` and ``val_data`` set, the validation set is scored at those
+    epochs (and at the end): a ``validation`` line in the log and ``metrics.json`` in
+    that epoch's folder.
     ``resume=True`` continues from ``out_dir/checkpoint``; a path continues from there.
     A non-finite loss raises :class:`NonFiniteLossError` naming the batch.
     """
@@ -127,6 +150,9 @@ def train_segmentation(
         dataset = build_dataset(cfg.data, cfg.model.detector.mask_type)
     if len(dataset) == 0:
         raise ValueError("the training dataset is empty")
+    val_dataset = None
+    if tc.eval_every is not None and cfg.val_data is not None:
+        val_dataset = build_dataset(cfg.val_data, cfg.model.detector.mask_type)
 
     epoch, batch_pos, step = 0, 0, 0
     if resume:
@@ -207,9 +233,14 @@ def train_segmentation(
             if stopped_early:
                 break
             epoch, batch_pos = epoch + 1, 0
-            if epoch % tc.save_every == 0 or epoch == tc.epochs:
-                checkpoint(out_dir / f"epoch-{epoch:04d}", epoch, 0)
+            final = epoch == tc.epochs
+            validate = val_dataset is not None and (epoch % tc.eval_every == 0 or final)
+            # A validated epoch is also saved, so its metrics.json sits next to the weights it scored.
+            if epoch % tc.save_every == 0 or final or validate:
+                saved = checkpoint(out_dir / f"epoch-{epoch:04d}", epoch, 0)
                 checkpoint(out_dir / "checkpoint", epoch, 0)
+                if validate:
+                    _validate(model, val_dataset, cfg, device, epoch, step, log, saved, progress)
     finally:
         bar.close()
         log.close()
