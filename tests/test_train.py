@@ -166,3 +166,19 @@ def test_validation_is_logged_and_does_not_change_training(tmp_path):
     assert [s["loss"] for s in _steps(tmp_path / "plain" / "train_log.jsonl")] == \
            [s["loss"] for s in _steps(tmp_path / "val" / "train_log.jsonl")]
     assert DataConfig().cache is False
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    data = ListDataset([_square_sample(i) for i in range(2)])
+    train_segmentation(_cfg("train.epochs=1"), tmp_path, dataset=data, progress=False)
+    with pytest.raises(ValueError, match="cannot resume"):
+        train_segmentation(_cfg("train.epochs=2", "model.detector.representation_size=64"), tmp_path,
+                           dataset=data, progress=False, resume=True)
+
+
+def test_unlabelled_training_data_is_a_clear_error(tmp_path):
+    sample = _square_sample(0)
+    sample.target = None
+    with pytest.raises(ValueError, match="needs labelled slices"):
+        train_segmentation(_cfg("train.epochs=1", "train.skip_negatives=true"), tmp_path,
+                           dataset=ListDataset([sample]), progress=False)

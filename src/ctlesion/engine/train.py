@@ -89,6 +89,12 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _require_labels(samples: list[Sample]) -> None:
+    for s in samples:
+        if s.target is None:
+            raise ValueError(f"{s.source}: training needs labelled slices, but {s.sample_id} has no mask")
+
+
 def _to_device(samples: list[Sample], device: torch.device):
     images = [s.image.to(device) for s in samples]
     targets = [{k: v.to(device) for k, v in s.target.items()} for s in samples]
@@ -96,7 +102,7 @@ def _to_device(samples: list[Sample], device: torch.device):
 
 
 def _has_lesions(sample: Sample) -> bool:
-    return sample.target is not None and len(sample.target["boxes"]) > 0
+    return len(sample.target["boxes"]) > 0
 
 
 def _validate(model, dataset, cfg: ExperimentConfig, device, epoch: int, step: int, log, ckpt: Path,
@@ -157,7 +163,12 @@ def train_segmentation(
     epoch, batch_pos, step = 0, 0, 0
     if resume:
         ckpt = out_dir / "checkpoint" if resume is True else Path(resume)
-        model, _, meta = load_checkpoint(ckpt)
+        model, ckpt_cfg, _ = load_checkpoint(ckpt)
+        if ckpt_cfg.model != cfg.model:
+            raise ValueError(
+                f"cannot resume from {ckpt}: it holds model {ckpt_cfg.model.name!r} with a different "
+                "model config than this run's; resume with the checkpoint's config.yaml"
+            )
         state = load_train_state(ckpt)
         epoch, batch_pos, step = state["epoch"], state["batch_pos"], state["step"]
     else:
@@ -208,6 +219,7 @@ def train_segmentation(
                     break
                 batch_pos += 1
                 bar.update(1)
+                _require_labels(samples)
                 if tc.skip_negatives:
                     samples = [s for s in samples if _has_lesions(s)]
                 if not samples:
