@@ -68,6 +68,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .data.datasets import build_dataset
     from .engine.checkpoint import load_checkpoint
     from .engine.evaluate import evaluate_segmentation, write_json
+    from .engine.predict import safe_filename
     from .engine.train import resolve_device
     from .viz import save_overlay
 
@@ -88,7 +89,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", metrics)
     for sample, pred in kept:
-        save_overlay(out / "overlays" / f"{sample.sample_id.replace('#', '_')}.png", sample.image,
+        save_overlay(out / "overlays" / f"{safe_filename(sample.sample_id)}.png", sample.image,
                      prediction=pred, class_names=model.class_names, target=sample.target,
                      score_threshold=eval_cfg.score_thresh, title=sample.sample_id)
     leg, coco = metrics["legacy"], metrics["coco"]

@@ -68,7 +68,8 @@ def run_demo(out: str | Path = "demo-output", quick: bool = False, progress: boo
     from .engine.checkpoint import load_checkpoint
     from .engine.evaluate import evaluate_segmentation, write_json
     from .engine.train import resolve_device, train_segmentation
-    from .viz import contact_sheet, draw_overlay, save_overlay
+    from .engine.predict import safe_filename
+    from .viz import contact_sheet, draw_overlay
 
     start = time.monotonic()
     seg_dir = Path(out) / "segmentation"
@@ -92,14 +93,14 @@ def run_demo(out: str | Path = "demo-output", quick: bool = False, progress: boo
 
     overlay_dir = seg_dir / "overlays"
     tiles = []
+    overlay_dir.mkdir(parents=True, exist_ok=True)
     for sample, pred in kept:
+        # Drawn once: the same picture is saved alone and tiled into the contact sheet.
         tile = draw_overlay(sample.image, prediction=pred, class_names=model.class_names,
                             target=sample.target, score_threshold=cfg.eval.score_thresh,
-                            title=sample.sample_id.split("-")[-1])
+                            title=sample.sample_id)
+        tile.save(overlay_dir / f"{safe_filename(sample.sample_id)}.png")
         tiles.append(tile)
-        save_overlay(overlay_dir / f"{sample.sample_id}.png", sample.image, prediction=pred,
-                     class_names=model.class_names, target=sample.target,
-                     score_threshold=cfg.eval.score_thresh, title=sample.sample_id)
     if tiles:
         contact_sheet(tiles, columns=4).save(seg_dir / "overlays.png")
 

@@ -14,7 +14,7 @@ from ..data.sample import Sample, collate_samples
 from ..models.maskrcnn import set_detection_settings
 from .evaluate import run_detector
 
-__all__ = ["PredictSummary", "prediction_record", "predict_inputs"]
+__all__ = ["PredictSummary", "prediction_record", "predict_inputs", "safe_filename"]
 
 
 @dataclass
@@ -26,7 +26,8 @@ class PredictSummary:
     overlay_dir: Path | None
 
 
-def _safe_name(text: str) -> str:
+def safe_filename(text: str) -> str:
+    """A sample id or stem as a portable file name (``P001#0003`` -> ``P001_0003``)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "slice"
 
 
@@ -87,9 +88,9 @@ def predict_inputs(
             detections += len(record["scores"])
             with_lesions += int(bool(record["scores"]))
             if overlay_dir is not None and (overlays == "all" or record["scores"]):
-                name = _safe_name(Path(str(sample.source)).stem)
+                name = safe_filename(Path(str(sample.source)).stem)
                 if sample.sample_id != Path(str(sample.source)).stem:
-                    name = _safe_name(sample.sample_id)
+                    name = safe_filename(sample.sample_id)
                 save_overlay(
                     overlay_dir / f"{name}.png", sample.image, prediction=pred,
                     class_names=class_names, score_threshold=draw_thresh,

@@ -199,7 +199,7 @@ def train_segmentation(
     scheduled_lr(tc, 0, total_batches)  # fail early on a bad schedule name
     last_losses: dict[str, float] = {}
     stopped_early = False
-    bar = tqdm(total=tc.epochs * batches_per_epoch, initial=epoch * batches_per_epoch + batch_pos,
+    bar = tqdm(total=total_batches, initial=epoch * batches_per_epoch + batch_pos,
                disable=not progress, desc="train", unit="step", dynamic_ncols=True)
     try:
         while epoch < tc.epochs:
