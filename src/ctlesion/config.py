@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 __all__ = [
-    "BackboneConfig", "DetectorConfig", "ModelConfig", "DataConfig", "TrainConfig",
+    "BackboneConfig", "DetectorConfig", "ClassifierConfig", "ModelConfig", "DataConfig", "TrainConfig",
     "EvalConfig", "ExperimentConfig", "ConfigError", "update_dataclass", "apply_overrides",
     "load_experiment", "save_config", "to_dict",
 ]
@@ -59,6 +59,9 @@ class DetectorConfig:
     max_size: int = 1024
     image_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     image_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # "imagenet": (x - image_mean) / image_std (CTM/SSM code); "per_image": subtract each
+    # image's own mean and divide by its own std (Affinity/LSTM code, spec §1.4).
+    normalization: str = "imagenet"
     anchor_sizes: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32])
     aspect_ratios: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0, 1.5, 2.0])
     rpn_pre_nms_top_n_train: int = 2000
@@ -85,10 +88,46 @@ class DetectorConfig:
 
 
 @dataclass
+class ClassifierConfig:
+    """Whole-slice classifier on top of the detector (spec §4-§7); ``kind="none"`` = detector only.
+
+    ``kind``: ``ctm`` (COVID-CT-Mask-Net stage 2), ``ssm`` (Single-Shot Model), ``affinity``,
+    ``attention``, ``lstm1``, ``lstm2`` (mask-feature models), ``cnn`` (benchmark CNN).
+    """
+
+    kind: str = "none"
+    class_names: list[str] = field(default_factory=lambda: ["normal", "cp", "covid"])
+    # "shared": the segmentation RoI branch also builds the classification RoI batch (single
+    # branch); "separate": a second, weight-copied RoI branch does (spec §5.1, §6.1).
+    branch: str = "shared"
+    # RoIs per image fed to the head: N (CTM 256 / 128, SSM 128) or beta (Affinity 8, LSTM 16).
+    rois: int = 128
+    roi_nms_thresh: float = 0.75
+    # Candidates whose decoded box area is <= this are dropped (CTM 0, SSM/AFF/LSTM 1e-5).
+    roi_min_area: float = 1e-5
+    # Module S hidden width F (spec §4.3).
+    s_features: int = 512
+    # Mask-feature models (spec §6-§7).
+    extra_conv: bool = False          # code-faithful frozen random 3x3 conv in MaskPrediction(C)
+    refinement_blocks: int = 3        # N refinement blocks (Affinity 3, LSTM 1)
+    shared_refinement: bool = False   # code: one shared block applied N^2 times
+    affinity_dim: int = 16            # C*
+    hidden_size: int = 256            # LSTM hidden / attention width
+    eq16_linear: bool = True          # LSTM-2: paper Eq. 16 Linear (False = code-faithful)
+    roi_order: str = "confidence"     # "confidence" or "distance" (LSTM/Attention, spec §7.1)
+    head_batch_stats: bool = True     # head BN uses RoI-batch statistics at test time (spec §6.2)
+    # Benchmark CNN (kind "cnn"): torchvision classifier name and optional local weights.
+    cnn_arch: str = "resnet18"
+    cnn_weights: str | None = None
+    input_size: int = 512             # CNN input is resized to input_size x input_size
+
+
+@dataclass
 class ModelConfig:
     name: str = "maskrcnn-r18-s3"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
 
 
 @dataclass
@@ -120,6 +159,15 @@ class DataConfig:
     phantom_size: int = 512
     phantom_classes: list[str] = field(default_factory=lambda: ["normal", "cp", "covid"])
     seed: int = 0
+    # Classification data (formats ``covidx``, ``classfirst``, ``class_folders``, ``covid-ct-md``).
+    # Source class index -> model class index, -1 drops the slice (e.g. iCTCF 0/2 -> 0/1: [0, -1, 1]).
+    class_map: list[int] | None = None
+    # COVID-CT-MD: which slice-level infection labels ("updated", "original") and whether
+    # COVID/CAP slices without visible infection are left out (as COVIDx-CT does).
+    slice_labels: str = "updated"
+    exclude_uninfected: bool = True
+    # Keep only these patient ids (see ``ctlesion.data.patient_split``); None = all.
+    patients: list[str] | None = None
 
 
 @dataclass
@@ -146,16 +194,44 @@ class TrainConfig:
     # Stop the run after this many seconds (checked between steps); None = no limit.
     time_limit_s: float | None = None
     deterministic: bool = False
+    # --- classification and joint training (spec §4.5, §5.2, §6.3, §7.5) ---
+    # Which parameters the classification loss may update: "s_only" (the head), "s_bn"
+    # (head + backbone BatchNorm affine), "s_backbone" (head + backbone and FPN; SSM rule 2),
+    # "full" (everything the loss reaches). All others get grad=None: no Adam step at all.
+    # "auto" picks the original's choice for the model family (resolved into config.yaml).
+    update_rule: str = "auto"
+    # For s_bn: "all" BN layers of the backbone, or "code" (names containing "bn": the
+    # original filter, which leaves out the downsample BNs), spec §10 #12.
+    bn_params: str = "all"
+    # When the segmentation branch is copied into a separate classification branch:
+    # "none", "once" (before training), "running_min" (SSM code: L_SEG below its running
+    # minimum), "previous" (LSTM code: below the previous iteration's L_SEG), "every", or "auto".
+    copy_rule: str = "auto"
+    # Backbone BatchNorm in the classification step: "eval" (running statistics; CTM/SSM)
+    # or "batch" (train mode, single-image statistics; LSTM code, spec §7.5), or "auto".
+    cls_bn: str = "auto"
+    # Initialise from a checkpoint: every weight whose name and shape match is copied (a
+    # segmentation checkpoint fills the detector; a classifier with another label set
+    # keeps its new last layer: fine-tuning).
+    init_from: str | None = None
+    # Joint models: run a segmentation step (one image from seg_data) before each
+    # classification step.
+    joint: bool = True
 
 
 @dataclass
 class EvalConfig:
-    """Detection settings used when scoring (always reported next to the numbers)."""
+    """Settings used when scoring (always reported next to the numbers)."""
 
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_img: int = 100
     mask_thresh: float = 0.5
+    # Classification: weights of the class-weighted F1. None = the test set's class shares;
+    # the papers' code uses fixed (0.45, 0.35, 0.20) for (Normal, CP, COVID) (spec §9.2).
+    f1_weights: list[float] | None = None
+    # Seed of the RoI-batch padding at test time (spec §10 #29).
+    seed: int = 0
 
 
 @dataclass
@@ -163,6 +239,8 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     val_data: DataConfig | None = None
+    # Joint models (SSM, Affinity, LSTM): segmentation images for the segmentation step.
+    seg_data: DataConfig | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

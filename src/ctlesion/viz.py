@@ -17,7 +17,7 @@ from scipy import ndimage as ndi
 
 __all__ = [
     "CLASS_COLOURS", "FALLBACK_PALETTE", "GROUND_TRUTH_COLOUR", "class_colour",
-    "draw_overlay", "save_overlay", "contact_sheet", "plot_confusion_matrix",
+    "draw_overlay", "save_overlay", "contact_sheet", "plot_confusion_matrix", "draw_roi_weights",
 ]
 
 # RGB per class name; unknown names take the fallback palette by class id.
@@ -355,3 +355,53 @@ def plot_confusion_matrix(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return path
+
+
+def draw_roi_weights(image, boxes, weights, title: str | None = None, top: int = 8) -> Image.Image:
+    """Draw the RoIs a mask-feature head read, each with the weight it received.
+
+    ``boxes`` ``[n, 4]`` (x1, y1, x2, y2 px in the image's frame); ``weights`` ``[n]``
+    (attention weights, or Affinity's per-RoI ``W v``, which may be negative). Boxes are
+    drawn heaviest last, with line width and opacity growing with ``|weight|``; the
+    ``top`` heaviest get a rank and weight label. Repeated (padding) boxes are drawn once.
+    Magenta marks a positive weight, cyan a negative one.
+    """
+    rgb = _grey_rgb(image)
+    h, w = rgb.shape[:2]
+    scale = max(1, -(-_MIN_SIDE // max(h, w)))
+    base = Image.fromarray(rgb).resize((w * scale, h * scale), Image.NEAREST).convert("RGBA")
+    layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    boxes_np = _numpy(boxes).reshape(-1, 4).astype(np.float64)
+    weights_np = _numpy(weights).reshape(-1).astype(np.float64)
+    if len(boxes_np) != len(weights_np):
+        raise ValueError(f"{len(boxes_np)} boxes but {len(weights_np)} weights")
+    # Padding repeats a box; keep its first (highest-ranked) occurrence with summed weight.
+    unique: dict[tuple, float] = {}
+    for box, weight in zip(map(tuple, np.round(boxes_np, 2)), weights_np):
+        unique[box] = unique.get(box, 0.0) + weight
+    items = sorted(unique.items(), key=lambda kv: abs(kv[1]))
+    peak = max((abs(v) for _, v in items), default=0.0) or 1.0
+    font = _font(max(10, 4 * scale + 6))
+    labelled = {box for box, _ in items[-top:]}
+    rank = {box: i + 1 for i, (box, _) in enumerate(reversed(items))}
+    for box, weight in items:
+        strength = abs(weight) / peak
+        colour = (255, 0, 255) if weight >= 0 else (0, 220, 255)
+        alpha = int(70 + 185 * strength)
+        xyxy = [c * scale for c in box]
+        draw.rectangle(xyxy, outline=(*colour, alpha), width=max(1, int(round(1 + 3 * strength))))
+        if box in labelled:
+            text = f"#{rank[box]} {weight:+.2f}"
+            tw, th = _text_size(draw, text, font)
+            x, y = xyxy[0], max(0, xyxy[1] - th - 2)
+            draw.rectangle([x, y, x + tw + 2, y + th + 2], fill=(0, 0, 0, 170))
+            draw.text((x + 1, y), text, fill=(*colour, 255), font=font)
+    out = Image.alpha_composite(base, layer).convert("RGB")
+    if title:
+        tw, th = _text_size(ImageDraw.Draw(out), title, font)
+        canvas = Image.new("RGB", (out.width, out.height + th + 8), (0, 0, 0))
+        canvas.paste(out, (0, th + 8))
+        ImageDraw.Draw(canvas).text((4, 3), title, fill=(255, 255, 255), font=font)
+        out = canvas
+    return out

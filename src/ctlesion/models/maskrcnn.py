@@ -27,13 +27,27 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
 from ..config import DetectorConfig, ModelConfig
 from ..data.masks import get_mask_type
 from .backbones import build_backbone
 
-__all__ = ["LesionMaskRCNN", "build_maskrcnn", "set_detection_settings"]
+__all__ = ["LesionMaskRCNN", "PerImageTransform", "build_maskrcnn", "set_detection_settings"]
+
+
+class PerImageTransform(GeneralizedRCNNTransform):
+    """torchvision's transform with per-image standardisation instead of fixed constants:
+    each image minus its own mean, divided by its own std (the Affinity/LSTM code, spec §1.4;
+    grey is replicated to 3 channels first, so every channel gets the same statistics)."""
+
+    def normalize(self, image):
+        if image.shape[0] == 1:
+            image = image.expand(3, -1, -1)
+        mean = image.mean(dim=(1, 2), keepdim=True)
+        std = image.std(dim=(1, 2), keepdim=True).clamp_min(1e-6)  # a constant slice stays finite
+        return (image - mean) / std
 
 
 class LesionMaskRCNN(MaskRCNN):
@@ -87,7 +101,9 @@ def build_maskrcnn(cfg: ModelConfig) -> LesionMaskRCNN:
     class_names = get_mask_type(d.mask_type).class_names
     backbone = build_backbone(cfg.backbone)
     num_levels = 4 if cfg.backbone.fpn == "full" else 1
-    return LesionMaskRCNN(
+    if d.normalization not in ("imagenet", "per_image"):
+        raise ValueError(f"detector.normalization must be 'imagenet' or 'per_image', not {d.normalization!r}")
+    model = LesionMaskRCNN(
         backbone,
         class_names,
         cfg,
@@ -113,3 +129,7 @@ def build_maskrcnn(cfg: ModelConfig) -> LesionMaskRCNN:
         box_positive_fraction=d.box_positive_fraction,
         **_heads_kwargs(d, num_levels, cfg.backbone.out_channels, len(class_names) + 1),
     )
+    if d.normalization == "per_image":
+        t = model.transform
+        model.transform = PerImageTransform(t.min_size, t.max_size, t.image_mean, t.image_std)
+    return model

@@ -1,0 +1,115 @@
+"""Run a slice classifier on new scans: class probabilities per slice, a verdict per volume.
+
+Outputs in ``out_dir``:
+
+* ``predictions.jsonl``: one line per slice: source, slice index, class probabilities
+  (softmax of the logits), the predicted class; for detector-based models also the
+  lesions found (boxes, scores, classes, areas); for mask-feature models the RoIs the
+  head read and the weight each one got.
+* ``patients.json``: one verdict per input volume (DICOM series, NIfTI, or a folder of
+  slices of one patient), aggregated from its slices by
+  :func:`ctlesion.metrics.patient_verdict` (default ``abnormal_fraction``: most slices of a
+  sick patient's scan look normal, so the mean probability would be biased to Normal).
+* ``overlays/*.png``: the slice with its detections and the predicted class in the title.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..data.sample import collate_samples
+from .evaluate import compact_prediction
+from .evaluate_classifier import run_classifier, slice_record
+from .predict import prediction_record, safe_filename
+
+__all__ = ["ClassifyPredictSummary", "predict_classification"]
+
+
+@dataclass
+class ClassifyPredictSummary:
+    slices: int
+    class_counts: dict[str, int]
+    patients: dict[str, dict]
+    predictions_file: Path
+    patients_file: Path
+    overlay_dir: Path | None
+
+
+def predict_classification(
+    model, dataset, out_dir: str | Path, device: torch.device, *, cls_bn: str = "eval",
+    overlays: str = "all", method: str = "abnormal_fraction", min_abnormal_fraction: float = 0.1,
+    score_thresh: float | None = None, seed: int = 0, progress: bool = True,
+) -> ClassifyPredictSummary:
+    """Classify every slice of ``dataset`` and aggregate per source volume.
+
+    ``overlays``: ``all`` slices, ``abnormal`` (slices not predicted as the first class,
+    or with lesions), or ``none``. ``score_thresh`` overrides the detector's threshold for
+    the lesions listed and drawn.
+    """
+    from ..metrics import patient_verdict
+    from ..models.maskrcnn import set_detection_settings
+    from ..viz import draw_overlay, draw_roi_weights
+
+    if overlays not in ("all", "abnormal", "none"):
+        raise ValueError(f"overlays must be all, abnormal or none, not {overlays!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    overlay_dir = out_dir / "overlays" if overlays != "none" else None
+    names = list(model.class_names)
+    detector = getattr(model, "detector", None)
+    has_masks = detector is not None and detector.roi_heads.has_mask()
+    if has_masks and score_thresh is not None:
+        set_detection_settings(detector, score_thresh=score_thresh)
+    lesion_names = tuple(getattr(detector, "class_names", ())) if detector is not None else ()
+    draw_thresh = float(detector.roi_heads.score_thresh) if has_masks else 0.5
+
+    loader = DataLoader(dataset, batch_size=1, collate_fn=collate_samples, generator=torch.Generator())
+    by_volume: "OrderedDict[str, list[list[float]]]" = OrderedDict()
+    counts = {n: 0 for n in names}
+    pred_path = out_dir / "predictions.jsonl"
+    tmp_path = out_dir / ".predictions.jsonl.partial"
+    slices = 0
+    with open(tmp_path, "w") as fh:
+        for sample, probs, rois, det in run_classifier(model, loader, device, cls_bn=cls_bn, seed=seed,
+                                                       with_detections=has_masks, progress=progress,
+                                                       total=len(loader)):
+            record = slice_record(sample, probs, names, rois)
+            record.pop("label")
+            lesions = None
+            if det is not None:
+                lesions = compact_prediction(det, 0.5)
+                found = prediction_record(sample, lesions, lesion_names)
+                record["lesions"] = {k: found[k] for k in ("boxes", "scores", "classes", "areas_px", "areas_mm2")}
+            fh.write(json.dumps(record) + "\n")
+            slices += 1
+            counts[record["predicted_class"]] += 1
+            by_volume.setdefault(str(sample.source), []).append(probs.tolist())
+            abnormal = record["predicted"] != 0 or bool(lesions is not None and len(lesions["scores"]))
+            if overlay_dir is not None and (overlays == "all" or abnormal):
+                p = record["probabilities"][record["predicted_class"]]
+                title = f"{sample.sample_id}: {record['predicted_class']} {p:.2f}"
+                tile = draw_overlay(sample.image, prediction=lesions, class_names=lesion_names or ("lesion",),
+                                    score_threshold=draw_thresh, title=title)
+                if rois is not None and rois.get("weights") is not None:
+                    tile = draw_roi_weights(sample.image, rois["boxes"], rois["weights"], title=title)
+                overlay_dir.mkdir(parents=True, exist_ok=True)
+                tile.save(overlay_dir / f"{safe_filename(sample.sample_id)}.png")
+    tmp_path.replace(pred_path)
+
+    patients = {}
+    for source, probs in by_volume.items():
+        verdict = patient_verdict(torch.tensor(probs).numpy(), names, method=method,
+                                  min_abnormal_fraction=min_abnormal_fraction)
+        patients[source] = verdict
+    patients_path = out_dir / "patients.json"
+    from .evaluate import write_json
+
+    write_json(patients_path, {"method": method, "min_abnormal_fraction": min_abnormal_fraction,
+                               "volumes": patients})
+    return ClassifyPredictSummary(slices, counts, patients, pred_path, patients_path, overlay_dir)
