@@ -4,7 +4,8 @@
   ``cncb`` (CNCB-NCOV, the papers' data) and ``semiseg`` (COVID-SemiSeg / Inf-Net).
 * :class:`VolumeDataset`: DICOM series, NIfTI volumes and image files flattened into
   slices (prediction inputs, or labelled NIfTI).
-* :func:`build_dataset` builds either from a :class:`~ctlesion.config.DataConfig`;
+* :func:`build_dataset` builds these, or the classification datasets of
+  :mod:`.classification`, from a :class:`~ctlesion.config.DataConfig`;
   :func:`parse_data_spec` turns the CLI's ``--data`` string into one.
 """
 
@@ -53,7 +54,11 @@ LAYOUTS: dict[str, tuple[str, str, dict[int, int]]] = {
     "semiseg": ("Imgs", "GT", {0: 0, 1: GGO, 2: CONSOLIDATION}),
 }
 
-FORMATS = ("phantom", "cncb", "semiseg", "images", "dicom", "nifti")
+FORMATS = (
+    "phantom", "cncb", "semiseg", "images", "dicom", "nifti",
+    # Slice classification (see .classification): labels per slice, no lesion targets.
+    "covidx", "classfirst", "class_folders", "covid-ct-md",
+)
 
 
 def _read_split(split: str | Path) -> list[str]:
@@ -434,6 +439,12 @@ def build_dataset(cfg: DataConfig, mask_type: str) -> Dataset:
 def _build_dataset(cfg: DataConfig, mask_type: str) -> Dataset:
     """The dataset a :class:`~ctlesion.config.DataConfig` describes.
 
+    Classification formats (``covidx``, ``classfirst``, ``class_folders``,
+    ``covid-ct-md``; see :mod:`.classification`) use ``root``, ``split``, ``class_map``,
+    ``patients``, ``window``, ``size`` and, for ``covid-ct-md``, ``slice_labels`` and
+    ``exclude_uninfected``; ``mask_type`` and ``min_area`` do not apply to them. Phantoms
+    and the segmentation/volume formats ignore ``patients`` and ``class_map``.
+
     Raises:
         ValueError: unknown ``cfg.format`` (formats listed) or ``root`` missing from the config.
         FileNotFoundError: ``cfg.root`` does not exist (named).
@@ -451,12 +462,28 @@ def _build_dataset(cfg: DataConfig, mask_type: str) -> Dataset:
         raise ValueError(f"data.root is required for format {cfg.format!r}")
     if not Path(cfg.root).exists():
         raise FileNotFoundError(f"data.root not found: {cfg.root}")
+    split = cfg.split
+    # A relative split path that does not exist as given is read relative to the data
+    # root, so presets can say `split: train_split_segmentation.txt`.
+    if split and not Path(split).is_absolute() and not Path(split).exists():
+        split = Path(cfg.root) / split
+    if cfg.format in ("covidx", "classfirst", "class_folders"):
+        from .classification import ClassificationFolderDataset  # late: it imports this module
+
+        if cfg.format == "covidx" and not split:
+            raise ValueError("data.split is required for format 'covidx' (the COVIDx-CT split file)")
+        return ClassificationFolderDataset(
+            cfg.root, cfg.format, split=split or None, class_map=cfg.class_map, window=cfg.window,
+            size=cfg.size, patients=cfg.patients,
+        )
+    if cfg.format == "covid-ct-md":
+        from .classification import CovidCtMdDataset
+
+        return CovidCtMdDataset(
+            cfg.root, slice_labels=cfg.slice_labels, exclude_uninfected=cfg.exclude_uninfected,
+            window=cfg.window, size=cfg.size, patients=cfg.patients, class_map=cfg.class_map,
+        )
     if cfg.format in LAYOUTS:
-        split = cfg.split
-        # A relative split path that does not exist as given is read relative to the data
-        # root, so presets can say `split: train_split_segmentation.txt`.
-        if split and not Path(split).is_absolute() and not Path(split).exists():
-            split = Path(cfg.root) / split
         return LesionFolderDataset(
             cfg.root, cfg.format, mask_type=mask_type, min_area=cfg.min_area,
             window=cfg.window, split=split, size=cfg.size,
@@ -498,12 +525,41 @@ def _parse_phantom(spec: str, options: str) -> DataConfig:
     return cfg
 
 
+def _is_covid_ct_md_root(path: Path) -> bool:
+    return (path / "Index.csv").is_file() and any(path.glob("Slice-level-labels*.npy"))
+
+
+def _is_class_folders_root(path: Path) -> bool:
+    """Only unambiguous cases: no loose files to read at the top, two or more subfolders,
+    every one named like a class (see ``CLASS_FOLDER_ALIASES``) and holding images only."""
+    from .classification import CLASS_FOLDER_ALIASES
+
+    entries = [e for e in path.iterdir() if not e.name.startswith(".")]
+    if any(e.is_file() and (is_image(e) or is_nifti(e) or looks_like_dicom(e)) for e in entries):
+        return False
+    folders = [e for e in entries if e.is_dir()]
+    if len(folders) < 2 or any(f.name.lower() not in CLASS_FOLDER_ALIASES for f in folders):
+        return False
+    for folder in folders:
+        files = [f for f in folder.iterdir() if not f.name.startswith(".")]
+        # Images are told by suffix; only other files are opened to look for DICOM.
+        if not any(is_image(f) for f in files) or any(
+            f.is_dir() or (not is_image(f) and looks_like_dicom(f)) for f in files
+        ):
+            return False
+    return True
+
+
 def _detect_format(path: Path) -> str:
     if path.is_dir():
+        if _is_covid_ct_md_root(path):
+            return "covid-ct-md"
         if (path / "imgs").is_dir() and (path / "masks").is_dir():
             return "cncb"
         if (path / "Imgs").is_dir() and (path / "GT").is_dir():
             return "semiseg"
+        if _is_class_folders_root(path):
+            return "class_folders"
         inputs = discover_inputs(path)  # raises ValueError when nothing readable is inside
         if any(p.is_dir() or looks_like_dicom(p) for p in inputs):
             return "dicom"
@@ -528,10 +584,16 @@ def parse_data_spec(spec: str) -> DataConfig:
 
     * ``phantom`` or ``phantom:n=32,size=128,seed=7[,classes=normal+covid]``
       (``n`` -> ``num_samples``, ``size`` -> ``phantom_size``).
-    * ``<format>:<path>`` forces a format, e.g. ``semiseg:/data/MultiClassInfection-Train``.
-    * ``<path>``: detected: a folder with ``imgs/`` + ``masks/`` is ``cncb``, with
-      ``Imgs/`` + ``GT/`` is ``semiseg``; a DICOM file or folder holding DICOM is
-      ``dicom``; ``.nii``/``.nii.gz`` is ``nifti``; image files are ``images``.
+    * ``<format>:<path>`` forces a format, e.g. ``semiseg:/data/MultiClassInfection-Train``
+      or ``covid-ct-md:/data/covid-ct-md`` (``covidx`` also needs ``split``, e.g. the
+      CLI's ``--split``).
+    * ``<path>``: detected: a folder with ``Index.csv`` + ``Slice-level-labels*.npy`` is
+      ``covid-ct-md``; with ``imgs/`` + ``masks/`` is ``cncb``, with ``Imgs/`` + ``GT/``
+      is ``semiseg``; a folder of two or more class-named subfolders of images only
+      (``normal``, ``cp``, ``covid``, ... see ``CLASS_FOLDER_ALIASES``) and no loose
+      images is ``class_folders``; a DICOM file or folder holding DICOM is ``dicom``;
+      ``.nii``/``.nii.gz`` is ``nifti``; image files are ``images``. ``covidx`` and
+      ``classfirst`` are never detected (their images look like any image folder).
 
     Raises:
         FileNotFoundError: the path does not exist (named).
