@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # the package itself accepts torch>=2.11 / torchvision>=0.26.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test install clean
+.PHONY: demo compare test install clean
 
 $(BIN)/ctlesion: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ install: $(BIN)/ctlesion
 
 demo: install
 	$(BIN)/ctlesion demo --out demo-output
+
+# Every classifier family (SSM, Affinity, Attention, LSTM-2, ResNet18) on the same
+# phantoms with the same time budget: demo-output/comparison.json (~15 min on 2 cores).
+compare: install
+	$(BIN)/ctlesion compare --out demo-output
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -13,7 +13,9 @@ from ctlesion.models.backbones import build_backbone
 from ctlesion.registry import count_parameters, create_model, default_model_config, list_models
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-PAPER_PRESETS = sorted(p for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("demo"))
+# Segmentation presets (the classifier presets are exercised in test_presets.py).
+PAPER_PRESETS = sorted(p for p in CONFIG_DIR.glob("*.yaml")
+                       if not p.stem.startswith("demo") and p.stem.startswith(("ctm_seg", "ssm_seg", "semiseg")))
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,9 @@
 """``ctlesion`` command line: models, train, evaluate, predict, demo.
 
+``train`` / ``evaluate`` / ``predict`` serve every model: detectors (segmentation), slice
+classifiers (CTM, CNNs) and joint models (SSM, mask-feature models); the checkpoint's
+task decides what is computed.
+
 Errors a user can fix (bad config key, missing file, corrupt checkpoint, unreadable
 DICOM) print one clear line and exit with status 2; anything else is a bug and keeps
 its traceback.
@@ -34,15 +38,24 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from .config import load_experiment
     from .engine.train import train_segmentation
+    from .engine.train_classifier import train_classifier
+    from .registry import get_entry
 
     cfg = load_experiment(args.config, args.set)
     resume = False
     if args.resume is not None:
         resume = True if args.resume == "latest" else Path(args.resume)
-    result = train_segmentation(cfg, args.out, resume=resume, progress=not args.quiet)
+    task = get_entry(cfg.model.name).task
+    if task == "segmentation":
+        result = train_segmentation(cfg, args.out, resume=resume, progress=not args.quiet)
+        last = f"last loss {result.last_losses.get('loss', float('nan')):.4f}"
+    else:
+        result = train_classifier(cfg, args.out, resume=resume, progress=not args.quiet)
+        last = f"last classification loss {result.last_losses.get('cls_loss', float('nan')):.4f}"
+        if "seg_loss" in result.last_losses:
+            last += f", segmentation loss {result.last_losses['seg_loss']:.4f}"
     state = "stopped at its time limit" if result.stopped_early else "finished"
-    print(f"training {state}: {result.epochs_done} epochs, {result.steps} steps, "
-          f"{result.seconds:.0f} s; last loss {result.last_losses.get('loss', float('nan')):.4f}")
+    print(f"training {state}: {result.epochs_done} epochs, {result.steps} steps, {result.seconds:.0f} s; {last}")
     print(f"checkpoint: {result.checkpoint}")
     return 0
 
@@ -62,6 +75,67 @@ def _data_config_for(spec: str, ckpt_cfg, args: argparse.Namespace):
     return data
 
 
+def _f1_weights(text: str | None):
+    if text is None or text == "shares":
+        return None
+    if text == "paper":
+        return [0.45, 0.35, 0.20]
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--f1-weights must be 'shares', 'paper' or comma-separated numbers, not {text!r}") from None
+
+
+def _evaluate_classifier(args: argparse.Namespace, model, cfg, meta) -> int:
+    from dataclasses import replace
+
+    from .data.datasets import build_dataset
+    from .engine.evaluate import evaluate_segmentation, write_json
+    from .engine.evaluate_classifier import evaluate_classifier
+    from .engine.train import resolve_device
+    from .metrics import format_report
+    from .viz import plot_confusion_matrix
+
+    data = _data_config_for(args.data, cfg, args)
+    if data.format == cfg.data.format and data.class_map is None:
+        data.class_map = cfg.data.class_map  # same naming scheme as in training
+    dataset = build_dataset(data, cfg.model.detector.mask_type)
+    eval_cfg = replace(cfg.eval, f1_weights=_f1_weights(args.f1_weights))
+    device = resolve_device(args.device)
+    cls_bn = cfg.train.cls_bn if cfg.train.cls_bn != "auto" else "eval"
+    metrics, records = evaluate_classifier(model, dataset, device, eval_cfg=eval_cfg, cls_bn=cls_bn,
+                                           progress=not args.quiet)
+    metrics["checkpoint"] = str(args.checkpoint)
+    metrics["data"] = args.data
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.seg_data:
+        if not getattr(model, "has_segmentation", False):
+            raise ValueError(f"--seg-data: {cfg.model.name} has no segmentation branch")
+        seg_data = _data_config_for(args.seg_data, cfg, args)
+        seg_data.size = args.size if args.size is not None else (cfg.seg_data.size if cfg.seg_data else None)
+        seg_data.min_area = cfg.seg_data.min_area if cfg.seg_data else seg_data.min_area
+        seg_eval = replace(cfg.eval, **{k: v for k, v in (("score_thresh", args.score_thresh),
+                                                          ("nms_thresh", args.nms_thresh)) if v is not None})
+        seg_metrics, _ = evaluate_segmentation(model.detector, build_dataset(seg_data, cfg.model.detector.mask_type),
+                                               seg_eval, device, progress=not args.quiet)
+        seg_metrics["data"] = args.seg_data
+        metrics["segmentation"] = seg_metrics
+    write_json(out / "metrics.json", metrics)
+    with open(out / "predictions.jsonl", "w") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec) + "\n")
+    plot_confusion_matrix(metrics["confusion_matrix"], metrics["class_names"], out / "confusion_matrix.png",
+                          title=f"{cfg.model.name}: {metrics['num_samples']} slices")
+    print(format_report(metrics))
+    if "segmentation" in metrics:
+        leg = metrics["segmentation"]["legacy"]
+        print(f"segmentation (legacy per-image AP): AP50 {leg['AP50']:.4f}  AP75 {leg['AP75']:.4f}  "
+              f"mAP {leg['mAP']:.4f}; COCO segm AP {metrics['segmentation']['coco']['segm']['AP']:.4f}")
+    print(f"wrote {out / 'metrics.json'}, {out / 'confusion_matrix.png'} and {out / 'predictions.jsonl'}")
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -73,6 +147,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .viz import save_overlay
 
     model, cfg, meta = load_checkpoint(args.checkpoint)
+    if meta.get("task", "segmentation") != "segmentation":
+        return _evaluate_classifier(args, model, cfg, meta)
     data = _data_config_for(args.data, cfg, args)
     dataset = build_dataset(data, cfg.model.detector.mask_type)
     eval_cfg = replace(
@@ -108,12 +184,32 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .engine.predict import predict_inputs
     from .engine.train import resolve_device
 
-    model, cfg, _ = load_checkpoint(args.checkpoint)
+    model, cfg, meta = load_checkpoint(args.checkpoint)
     dataset = VolumeDataset(args.inputs, window=args.window or "auto",
                             mask_type=cfg.model.detector.mask_type,
                             size=args.size if args.size is not None else cfg.data.size)
+    if meta.get("task", "segmentation") != "segmentation":
+        from .engine.predict_classifier import predict_classification
+
+        overlays = {"lesions": "abnormal"}.get(args.overlays, args.overlays)
+        cls_bn = cfg.train.cls_bn if cfg.train.cls_bn != "auto" else "eval"
+        summary = predict_classification(
+            model, dataset, args.out, resolve_device(args.device), cls_bn=cls_bn, overlays=overlays,
+            method=args.aggregate, min_abnormal_fraction=args.min_abnormal_fraction,
+            score_thresh=args.score_thresh, progress=not args.quiet)
+        counts = ", ".join(f"{n} {c}" for n, c in summary.class_counts.items())
+        print(f"{summary.slices} slices: {counts}")
+        for source, verdict in summary.patients.items():
+            probs = "  ".join(f"{n} {p:.2f}" for n, p in verdict["probabilities"].items())
+            print(f"{source}: {verdict['class']} ({verdict['abnormal_slices']}/{verdict['num_slices']} "
+                  f"abnormal slices; {probs})")
+        print(f"predictions: {summary.predictions_file}; per-volume verdicts: {summary.patients_file}")
+        if summary.overlay_dir is not None:
+            print(f"overlays: {summary.overlay_dir}")
+        return 0
     summary = predict_inputs(model, dataset, args.out, resolve_device(args.device),
-                             score_thresh=args.score_thresh, overlays=args.overlays,
+                             score_thresh=args.score_thresh,
+                             overlays={"abnormal": "lesions"}.get(args.overlays, args.overlays),
                              progress=not args.quiet)
     print(f"{summary.slices} slices, {summary.slices_with_lesions} with lesions, "
           f"{summary.detections} detections")
@@ -127,6 +223,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(args.out, quick=args.quick, progress=not args.quiet)
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import run_compare
+
+    families = args.families.split(",") if args.families else None
+    run_compare(args.out, budget_s=args.budget, families=families, quick=args.quick, progress=not args.quiet)
     return 0
 
 
@@ -160,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--score-thresh", type=float, default=None, help="detection confidence threshold")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("evaluate", help="score a checkpoint on labelled data (legacy + COCO mAP)")
+    p = sub.add_parser("evaluate", help="score a checkpoint on labelled data (segmentation: legacy + COCO "
+                                        "mAP; classifiers: sensitivity, PPV, accuracy, F1, ROC AUC)")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder")
     p.add_argument("--data", required=True,
                    help="labelled data: a folder (imgs/+masks/ or Imgs/+GT/), FORMAT:PATH, "
@@ -170,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nms-thresh", type=float, default=None, help="detection NMS IoU")
     p.add_argument("--max-detections", type=int, default=None, help="detections per image cap")
     p.add_argument("--overlays", type=int, default=8, help="write overlays for the first N images (0: none)")
+    p.add_argument("--f1-weights", default=None,
+                   help="classifiers: weights of the class-weighted F1: 'shares' (test-set class shares, "
+                        "default), 'paper' (0.45,0.35,0.20) or comma-separated numbers")
+    p.add_argument("--seg-data", default=None,
+                   help="joint models: labelled segmentation data, also scored (legacy + COCO mAP)")
     p.add_argument("--out", required=True, help="output folder for metrics.json and overlays")
     data_options(p)
     p.set_defaults(func=_cmd_evaluate)
@@ -178,8 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint folder")
     p.add_argument("inputs", nargs="+", help="image files, DICOM files or series folders, NIfTI volumes")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--overlays", choices=("all", "lesions", "none"), default="all",
-                   help="which slices get an overlay PNG (default: all)")
+    p.add_argument("--overlays", choices=("all", "lesions", "abnormal", "none"), default="all",
+                   help="which slices get an overlay PNG: all, those with lesions / predicted abnormal, none")
+    p.add_argument("--aggregate", choices=("abnormal_fraction", "mean", "max"), default="abnormal_fraction",
+                   help="classifiers: how slice probabilities become one verdict per volume (default: "
+                        "abnormal_fraction: Normal unless enough slices are abnormal, then the most likely "
+                        "abnormal class over those slices)")
+    p.add_argument("--min-abnormal-fraction", type=float, default=0.1,
+                   help="classifiers, abnormal_fraction: share of abnormal slices that makes a volume abnormal")
     data_options(p)
     p.set_defaults(func=_cmd_predict)
 
@@ -188,6 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a much shorter run, for smoke tests")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("compare", help="train every classifier family on the same phantoms with the same "
+                                       "time budget; one table + comparison.json (CPU, ~15 min)")
+    p.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
+    p.add_argument("--budget", type=float, default=150.0, help="training seconds per family (default: 150)")
+    p.add_argument("--families", default=None,
+                   help="comma-separated subset of ssm,affinity,attention,lstm2,resnet18 (default: all)")
+    p.add_argument("--quick", action="store_true", help="a much shorter run, for smoke tests")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_compare)
     return parser
 
 

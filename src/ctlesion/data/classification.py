@@ -271,6 +271,7 @@ class ClassificationFolderDataset(Dataset):
             entries = self._folder_entries(class_names)
 
         cmap, self.class_names = _resolve_class_map(class_map, self.source_class_names)
+        self.slice_class_names = self.class_names  # the name the training engine checks
         self.class_map = None if class_map is None else cmap
         wanted = _patient_set(patients)
         _warn_absent_patients(wanted, (e[3] for e in entries), str(self.split or self.root))
@@ -565,6 +566,7 @@ class CovidCtMdDataset(Dataset):
         self.slice_labels, self.exclude_uninfected = slice_labels, exclude_uninfected
         self.source_class_names = CLASS_NAMES
         cmap, self.class_names = _resolve_class_map(class_map, CLASS_NAMES)
+        self.slice_class_names = self.class_names  # the name the training engine checks
         self.class_map = None if class_map is None else cmap
 
         found = self._find_patients()

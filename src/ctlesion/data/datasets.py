@@ -428,6 +428,12 @@ class CachedDataset(Dataset):
             self._cache[index] = self.dataset[index]
         return self._cache[index]
 
+    def __getattr__(self, name: str):
+        # Descriptive attributes (class names, labels, patient ids) come from the wrapped set.
+        if name in ("dataset", "_cache"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
 
 def build_dataset(cfg: DataConfig, mask_type: str) -> Dataset:
     """The dataset a :class:`~ctlesion.config.DataConfig` describes (cached in memory if

@@ -475,6 +475,12 @@ class PhantomDataset(Dataset):
         """Detector class names of the mask type (index i is class id i + 1)."""
         return self.mask_type.class_names
 
+    @property
+    def slice_class_names(self) -> tuple[str, ...]:
+        """Names of the slice labels (``Sample.label`` indexes :data:`SLICE_CLASSES`,
+        whichever subset ``classes`` draws)."""
+        return SLICE_CLASSES
+
     def __len__(self) -> int:
         return self.num_samples
 

@@ -79,6 +79,9 @@ def evaluate_classifier(
     """
     from ..metrics import classification_report
 
+    from .train_classifier import check_class_names
+
+    check_class_names(dataset, model, "the evaluation data")
     eval_cfg = eval_cfg or EvalConfig()
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_samples, generator=torch.Generator())
     names = list(model.class_names)

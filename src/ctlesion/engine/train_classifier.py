@@ -150,6 +150,23 @@ def init_from_checkpoint(model: torch.nn.Module, path: str | Path) -> dict:
             "skipped_shape": skipped, "missing": missing}
 
 
+def check_class_names(dataset, model, what: str = "data") -> None:
+    """The dataset's label set must be the model's: same number of classes (an error), and
+    the same names in the same order (a warning when names differ, e.g. 'ncp' vs 'covid')."""
+    names = getattr(dataset, "slice_class_names", None)
+    if names is None:
+        return
+    if len(names) != model.num_classes:
+        raise ValueError(f"{what} has {len(names)} classes {list(names)} but the model has {model.num_classes} "
+                         f"{list(model.class_names)}; map them with data.class_map or set "
+                         "model.classifier.class_names")
+    if [n.lower() for n in names] != [n.lower() for n in model.class_names]:
+        import warnings
+
+        warnings.warn(f"{what} class names {list(names)} differ from the model's {list(model.class_names)}; "
+                      "labels are matched by index", stacklevel=2)
+
+
 def _labels(samples: list[Sample], num_classes: int) -> torch.Tensor:
     for s in samples:
         if s.label is None:
@@ -228,6 +245,7 @@ def train_classifier(
         raise ValueError(f"{cfg.model.name} is a {task} model; use train_segmentation for detectors")
 
     joint = model.has_segmentation and tc.joint
+    check_class_names(dataset, model, "data")
     if joint and seg_dataset is None:
         if cfg.seg_data is None:
             raise ValueError(f"{cfg.model.name} trains jointly: give seg_data (segmentation images), "
@@ -324,6 +342,12 @@ def train_classifier(
                 # 2. classification step
                 labels = _labels(samples, model.num_classes).to(device)
                 ids = [s.sample_id for s in samples]
+                # A NaN pixel empties the RPN's output, and an empty RoI batch is all zeros:
+                # the loss would stay finite and the step train on nothing. Stop here instead.
+                bad = [s.sample_id for s in samples if not bool(torch.isfinite(s.image).all())]
+                if bad:
+                    raise NonFiniteLossError(f"non-finite pixels in classification samples {bad} at epoch "
+                                             f"{epoch + 1}, step {step + 1}")
                 model.classification_mode(tc.cls_bn)
                 out = model([s.image.to(device) for s in samples])
                 cls_loss = one_hot_bce(out.logits, labels)

@@ -140,18 +140,21 @@ class RCNNSliceClassifier(SliceClassifier):
             batch_stat_modules.append(self.head)
         if cls_bn == "batch":
             batch_stat_modules.append(self.detector.backbone)
-        saved_momentum = {}
+        saved = {}
         for module in batch_stat_modules:
             module.train()
             for m in module.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    saved_momentum[m] = m.momentum
+                    tracked = None if m.num_batches_tracked is None else m.num_batches_tracked.clone()
+                    saved[m] = (m.momentum, tracked)
                     m.momentum = 0.0
         try:
             yield
         finally:
-            for m, momentum in saved_momentum.items():
+            for m, (momentum, tracked) in saved.items():
                 m.momentum = momentum
+                if tracked is not None:
+                    m.num_batches_tracked.copy_(tracked)  # train mode counts batches even at momentum 0
             for m, training in was_training.items():
                 m.training = training
 
