@@ -404,10 +404,14 @@ def test_joint_model_without_seg_data_is_a_clear_error(tmp_path):
 
 
 def test_labels_outside_the_class_range_are_a_clear_error(tmp_path):
-    # A 2-class model on 3-class phantoms (labels 0, 1, 2).
+    # A 2-class model on 3-class phantoms (labels 0, 1, 2): refused before training.
     cfg = config("ctm-r18-s2", "model.classifier.class_names=[negative,covid]", "data.phantom_classes=[normal,covid]")
-    with pytest.raises(ValueError, match=r"label 2 .*data\.class_map"):
+    with pytest.raises(ValueError, match=r"data has 3 classes .*data\.class_map"):
         train_classifier(cfg, tmp_path, progress=False)
+    # A dataset that names no classes is checked label by label.
+    samples = [PhantomDataset(3, SIZE, 0)[i] for i in range(3)]
+    with pytest.raises(ValueError, match=r"label 2 .*data\.class_map"):
+        train_classifier(cfg, tmp_path / "b", progress=False, dataset=ListDataset(samples))
 
 
 def test_a_detector_is_not_a_slice_classifier(tmp_path):
@@ -508,7 +512,9 @@ LAST = ["head.layers.4.weight", "head.layers.4.bias"]
 
 def test_fine_tuning_3_to_2_classes_skips_only_the_last_layer(tmp_path, spy):
     source = _ctm3_checkpoint(tmp_path / "ctm3")
-    two = ("model.classifier.class_names=[negative,covid]", "data.phantom_classes=[normal,cp]")
+    # phantom labels index (normal, cp, covid): keep normal and covid as classes 0 and 1
+    two = ("model.classifier.class_names=[negative,covid]", "data.phantom_classes=[normal,covid]",
+           "data.class_map=[0,-1,1]")
 
     # direct: everything but the last layer equals the source; the last keeps its init
     fresh = registry.create_model(config("ctm-r18-s2", *two).model)

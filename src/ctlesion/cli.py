@@ -79,7 +79,7 @@ def _f1_weights(text: str | None):
     if text is None or text == "shares":
         return None
     if text == "paper":
-        return [0.45, 0.35, 0.20]
+        return "paper"  # classification_report knows it (and refuses it without three classes)
     try:
         return [float(v) for v in text.split(",")]
     except ValueError:
@@ -90,11 +90,10 @@ def _evaluate_classifier(args: argparse.Namespace, model, cfg, meta) -> int:
     from dataclasses import replace
 
     from .data.datasets import build_dataset
-    from .engine.evaluate import evaluate_segmentation, write_json
-    from .engine.evaluate_classifier import evaluate_classifier
+    from .engine.evaluate import evaluate_segmentation
+    from .engine.evaluate_classifier import evaluate_classifier, write_classification_outputs
     from .engine.train import resolve_device
     from .metrics import format_report
-    from .viz import plot_confusion_matrix
 
     data = _data_config_for(args.data, cfg, args)
     if data.format == cfg.data.format and data.class_map is None:
@@ -121,12 +120,7 @@ def _evaluate_classifier(args: argparse.Namespace, model, cfg, meta) -> int:
                                                seg_eval, device, progress=not args.quiet)
         seg_metrics["data"] = args.seg_data
         metrics["segmentation"] = seg_metrics
-    write_json(out / "metrics.json", metrics)
-    with open(out / "predictions.jsonl", "w") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec) + "\n")
-    plot_confusion_matrix(metrics["confusion_matrix"], metrics["class_names"], out / "confusion_matrix.png",
-                          title=f"{cfg.model.name}: {metrics['num_samples']} slices")
+    write_classification_outputs(out, metrics, records, title=f"{cfg.model.name}: {metrics['num_samples']} slices")
     print(format_report(metrics))
     if "segmentation" in metrics:
         leg = metrics["segmentation"]["legacy"]

@@ -65,11 +65,10 @@ def run_compare(out: str | Path = "demo-output", budget_s: float = 150.0, famili
     from .data.datasets import build_dataset
     from .engine.checkpoint import load_checkpoint
     from .engine.evaluate import write_json
-    from .engine.evaluate_classifier import evaluate_classifier
+    from .engine.evaluate_classifier import evaluate_classifier, write_classification_outputs
     from .engine.train import resolve_device
     from .engine.train_classifier import train_classifier
     from .registry import count_parameters
-    from .viz import plot_confusion_matrix
 
     out = Path(out)
     rows = []
@@ -80,11 +79,9 @@ def run_compare(out: str | Path = "demo-output", budget_s: float = 150.0, famili
         result = train_classifier(cfg, run_dir, progress=progress)
         model, _, _ = load_checkpoint(result.checkpoint)
         heldout = build_dataset(cfg.val_data, cfg.model.detector.mask_type)
-        metrics, _ = evaluate_classifier(model, heldout, resolve_device(cfg.train.device), eval_cfg=cfg.eval,
+        metrics, records = evaluate_classifier(model, heldout, resolve_device(cfg.train.device), eval_cfg=cfg.eval,
                                          cls_bn=cfg.train.cls_bn, progress=False)
-        write_json(run_dir / "metrics.json", metrics)
-        plot_confusion_matrix(metrics["confusion_matrix"], metrics["class_names"], run_dir / "confusion_matrix.png",
-                              title=f"{family}: {len(heldout)} held-out phantoms")
+        write_classification_outputs(run_dir, metrics, records, title=f"{family}: {len(heldout)} held-out phantoms")
         rows.append({
             "family": family, "model": cfg.model.name, "params_M": round(count_parameters(model) / 1e6, 2),
             "iterations": result.steps, "train_seconds": round(result.seconds, 1),
@@ -94,7 +91,8 @@ def run_compare(out: str | Path = "demo-output", budget_s: float = 150.0, famili
             "update_rule": cfg.train.update_rule, "copy_rule": cfg.train.copy_rule, "cls_bn": cfg.train.cls_bn,
         })
     table = {"budget_s_per_family": budget_s, "image_size": COMPARE_SIZE,
-             "heldout": f"phantom:n=48,size={COMPARE_SIZE},seed={HELDOUT_SEED}", "rows": rows,
+             "heldout": f"phantom:n={cfg.val_data.num_samples},size={COMPARE_SIZE},seed={HELDOUT_SEED}",
+             "rows": rows,
              "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "comparison.json", table)

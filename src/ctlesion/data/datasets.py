@@ -401,6 +401,7 @@ class VolumeDataset(Dataset):
         )
         sample = next(volume_to_samples(view, self.window, self.mask_type, self.min_area, self.size))
         sample.slice_index = s
+        sample.meta["volume"] = str(volume.source)  # a series' slices come from separate files
         if volume.num_slices > 1:
             sample.sample_id = f"{path_stem(volume.source)}#{s:04d}"
         positions = volume.meta.get("slice_positions")
@@ -410,6 +411,35 @@ class VolumeDataset(Dataset):
 
 
 # --------------------------------------------------------------------------- config
+
+
+class ClassMappedDataset(Dataset):
+    """Relabels a dataset's slices with ``class_map`` (source index -> model index, -1
+    drops the slice), e.g. phantoms for a two-class model: ``[0, -1, 1]`` keeps Normal and
+    COVID as classes 0 and 1 and leaves CP slices out."""
+
+    def __init__(self, dataset: Dataset, class_map) -> None:
+        from .classification import _resolve_class_map
+
+        source = getattr(dataset, "slice_class_names", None)
+        if source is None:
+            raise ValueError(f"{type(dataset).__name__} has no slice classes to map with class_map")
+        self.dataset = dataset
+        self.map, self.slice_class_names = _resolve_class_map(class_map, source)
+        labels = getattr(dataset, "labels", None)
+        if labels is None:
+            labels = [dataset[i].label for i in range(len(dataset))]
+        self.indices = [i for i, lab in enumerate(labels) if lab is not None and self.map[lab] >= 0]
+        if not self.indices:
+            raise ValueError(f"class_map {list(class_map)} leaves no slice")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Sample:
+        sample = self.dataset[self.indices[index]]
+        sample.label = self.map[sample.label]
+        return sample
 
 
 class CachedDataset(Dataset):
@@ -460,10 +490,11 @@ def _build_dataset(cfg: DataConfig, mask_type: str) -> Dataset:
     if cfg.format == "phantom":
         from .phantom import PhantomDataset  # late: optional module, heavy to build
 
-        return PhantomDataset(
+        phantoms = PhantomDataset(
             cfg.num_samples, cfg.phantom_size, cfg.seed, cfg.phantom_classes, mask_type, cfg.min_area,
             window=cfg.window,
         )
+        return phantoms if cfg.class_map is None else ClassMappedDataset(phantoms, cfg.class_map)
     if not cfg.root:
         raise ValueError(f"data.root is required for format {cfg.format!r}")
     if not Path(cfg.root).exists():

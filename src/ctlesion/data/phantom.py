@@ -484,6 +484,11 @@ class PhantomDataset(Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
+    @property
+    def labels(self) -> list[int]:
+        """The slice label of every sample, without drawing any phantom."""
+        return [SLICE_CLASSES.index(self.classes[i % len(self.classes)]) for i in range(self.num_samples)]
+
     def sample_seed(self, index: int) -> int:
         """The seed of sample ``index``, derived from ``(seed, index)``."""
         return int(np.random.SeedSequence([self.seed, int(index)]).generate_state(1)[0])

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from ..config import EvalConfig
 from ..data.sample import Sample, collate_samples
 
-__all__ = ["run_classifier", "evaluate_classifier", "slice_record"]
+__all__ = ["run_classifier", "evaluate_classifier", "slice_record", "write_classification_outputs"]
 
 
 def slice_record(sample: Sample, probabilities: torch.Tensor, class_names, rois: dict | None = None) -> dict:
@@ -105,3 +105,21 @@ def evaluate_classifier(
         metrics["f1_weighted_paper"] = classification_report(y_true, y_pred, names, class_weights="paper")["f1_weighted"]
     metrics["settings"] = {"cls_bn": cls_bn, "padding_seed": eval_cfg.seed, "f1_weights": eval_cfg.f1_weights}
     return metrics, records
+
+
+def write_classification_outputs(out_dir, metrics: dict, records: list[dict], title: str) -> None:
+    """Write ``metrics.json``, ``predictions.jsonl`` (one record per slice) and
+    ``confusion_matrix.png`` into ``out_dir``."""
+    import json
+    from pathlib import Path
+
+    from ..viz import plot_confusion_matrix
+    from .evaluate import write_json
+    from .io import atomic_write_text
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "metrics.json", metrics)
+    atomic_write_text(out_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    plot_confusion_matrix(metrics["confusion_matrix"], metrics["class_names"], out_dir / "confusion_matrix.png",
+                          title=title)

@@ -81,6 +81,7 @@ def predict_classification(
                                                        total=len(loader)):
             record = slice_record(sample, probs, names, rois)
             record.pop("label")
+            record["volume"] = sample.meta.get("volume", str(sample.source))  # the key of patients.json
             lesions = None
             if det is not None:
                 lesions = compact_prediction(det, 0.5)
@@ -89,7 +90,7 @@ def predict_classification(
             fh.write(json.dumps(record) + "\n")
             slices += 1
             counts[record["predicted_class"]] += 1
-            by_volume.setdefault(str(sample.source), []).append(probs.tolist())
+            by_volume.setdefault(record["volume"], []).append(probs.tolist())
             abnormal = record["predicted"] != 0 or bool(lesions is not None and len(lesions["scores"]))
             if overlay_dir is not None and (overlays == "all" or abnormal):
                 p = record["probabilities"][record["predicted_class"]]
