@@ -178,3 +178,12 @@ def test_demo_quick_writes_metrics_checkpoint_and_pictures(tmp_path, capsys):
     assert (seg / "overlays.png").is_file() and list((seg / "overlays").glob("*.png"))
     out = capsys.readouterr().out
     assert "pictures" in out and str(seg / "overlays.png") in out
+    # the classification stage: an SSM from that detector, scored on held-out phantoms
+    cls = tmp_path / "classification"
+    report = json.loads((cls / "metrics.json").read_text())
+    assert {"sensitivity", "ppv", "overall_accuracy", "f1_weighted", "confusion_matrix", "segmentation"} <= set(report)
+    assert sum(map(sum, report["confusion_matrix"])) == report["num_samples"] == 12
+    assert (cls / "confusion_matrix.png").is_file() and (cls / "checkpoint" / "model.safetensors").is_file()
+    init = json.loads((cls / "init.json").read_text())
+    assert init["source_model"] == "maskrcnn-r18-s2" and init["loaded"]
+    assert str(cls / "confusion_matrix.png") in out
