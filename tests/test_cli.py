@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _ct_files import write_ct_series
 from PIL import Image
 
 from ctlesion.cli import main
@@ -81,30 +82,7 @@ def test_evaluate_writes_both_metric_sets_and_settings(trained, tmp_path, capsys
 
 
 def _write_dicom_series(folder: Path, n: int = 3) -> None:
-    import pydicom
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    folder.mkdir()
-    series = generate_uid()
-    for i in range(n):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(str(folder / f"s{i}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.SeriesInstanceUID, ds.PatientID = "CT", series, "anon"
-        ds.Rows = ds.Columns = SIZE
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-        ds.PixelSpacing = [0.8, 0.8]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [0, 0, -2.0 * i]
-        ds.InstanceNumber = i + 1
-        ds.PixelData = np.full((SIZE, SIZE), 1024 - 800, dtype=np.uint16).tobytes()
-        ds.save_as(str(folder / f"s{i}.dcm"), enforce_file_format=True)
+    write_ct_series(folder, [np.full((SIZE, SIZE), -800, dtype=np.int16)] * n)
 
 
 def test_predict_on_png_dicom_series_and_nifti(trained, tmp_path, capsys):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _ct_files import write_ct_series
 import torch
 import yaml
 from PIL import Image
@@ -86,32 +87,7 @@ def _png(path: Path, seed: int) -> Path:
 
 
 def _write_dicom_series(folder: Path, n: int = 4) -> Path:
-    import pydicom  # noqa: F401  (pydicom.dataset below)
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    folder.mkdir()
-    series = generate_uid()
-    for i in range(n):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(str(folder / f"s{i}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.SeriesInstanceUID, ds.PatientID = "CT", series, "anon"
-        ds.Rows = ds.Columns = SIZE
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-        ds.PixelSpacing = [0.8, 0.8]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [0, 0, -2.0 * i]
-        ds.InstanceNumber = i + 1
-        hu = make_phantom(SIZE, ("normal", "cp", "covid")[i % 3], 100 + i).hu
-        ds.PixelData = np.clip(hu + 1024, 0, 4095).astype(np.uint16).tobytes()
-        ds.save_as(str(folder / f"s{i}.dcm"), enforce_file_format=True)
-    return folder
+    return write_ct_series(folder, [make_phantom(SIZE, ("normal", "cp", "covid")[i % 3], 100 + i).hu for i in range(n)])
 
 
 def _write_nifti(path: Path, n: int = 4) -> Path:

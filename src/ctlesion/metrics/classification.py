@@ -134,6 +134,16 @@ def _opt(x: float) -> float | None:
     return None if math.isnan(x) else x
 
 
+def check_class_names(class_names) -> list[str]:
+    """At least two distinct class names, as strings."""
+    names = [str(n) for n in class_names]
+    if len(names) < 2:
+        raise ValueError(f"need at least 2 class names, got {names}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"class names must be distinct, got {names}")
+    return names
+
+
 def classification_report(
     y_true: Any,
     y_pred: Any,
@@ -174,12 +184,8 @@ def classification_report(
         roc_auc_score,
     )
 
-    names = [str(n) for n in class_names]
+    names = check_class_names(class_names)
     c = len(names)
-    if c < 2:
-        raise ValueError(f"need at least 2 class names, got {names}")
-    if len(set(names)) != c:
-        raise ValueError(f"class names must be distinct, got {names}")
     yt = _labels(y_true, "y_true", c)
     yp = _labels(y_pred, "y_pred", c)
     if yt.shape[0] != yp.shape[0]:

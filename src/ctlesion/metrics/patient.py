@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from .classification import check_class_names
+
 __all__ = ["patient_verdict", "group_by_patient", "PATIENT_METHODS"]
 
 #: Aggregation methods accepted by :func:`patient_verdict`.
@@ -108,12 +110,8 @@ def patient_verdict(
             values that are not probabilities, an unknown method, a bad ``normal_class`` or
             ``min_abnormal_fraction``.
     """
-    names = [str(n) for n in class_names]
+    names = check_class_names(class_names)
     c = len(names)
-    if c < 2:
-        raise ValueError(f"need at least 2 class names, got {names}")
-    if len(set(names)) != c:
-        raise ValueError(f"class names must be distinct, got {names}")
     if method not in PATIENT_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {PATIENT_METHODS}")
     normal = _normal_index(normal_class, names)

@@ -1,0 +1,37 @@
+"""Writers for small synthetic CT files used by several test modules (imported directly:
+pytest puts this folder on ``sys.path``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def write_ct_series(folder: Path, slices_hu: list[np.ndarray], spacing: float = 0.8) -> Path:
+    """A CT DICOM series, one file per slice, HU stored as value + 1024 (12-bit), head first
+    in ``slices_hu`` order (ImagePositionPatient z = 0, -2, -4, ...)."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir()
+    series = generate_uid()
+    for i, hu in enumerate(slices_hu):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset(str(folder / f"s{i}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.SeriesInstanceUID, ds.PatientID = "CT", series, "anon"
+        ds.Rows, ds.Columns = hu.shape
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.PixelSpacing = [spacing, spacing]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0, 0, -2.0 * i]
+        ds.InstanceNumber = i + 1
+        ds.PixelData = np.clip(np.asarray(hu) + 1024, 0, 4095).astype(np.uint16).tobytes()
+        ds.save_as(str(folder / f"s{i}.dcm"), enforce_file_format=True)
+    return folder
