@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _ct_files import write_ct_series
 from PIL import Image
+
+from _helpers import write_ct_series
 
 from ctlesion.cli import main
 

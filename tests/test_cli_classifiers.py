@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _ct_files import write_ct_series
 import torch
 import yaml
 from PIL import Image
+
+from _helpers import write_ct_series
 
 from ctlesion.cli import main
 from ctlesion.data.phantom import make_phantom

@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+from _helpers import ListDataset
+
 from ctlesion.config import load_experiment
 from ctlesion.data.sample import Sample, empty_target
 from ctlesion.engine.checkpoint import load_checkpoint, load_train_state
@@ -29,17 +31,6 @@ def _square_sample(i: int, lesion: bool = True, nan: bool = False) -> Sample:
     if nan:
         image[0, 0, 0] = float("nan")
     return Sample(image=image, target=target, sample_id=f"sq-{i}", source="synthetic")
-
-
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, samples):
-        self.samples = samples
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        return self.samples[i]
 
 
 def _cfg(*extra):

@@ -13,6 +13,8 @@ import torch
 import yaml
 from torch import nn
 
+from _helpers import ListDataset
+
 import ctlesion.registry as registry
 from ctlesion.config import ExperimentConfig, load_experiment
 from ctlesion.data.phantom import PhantomDataset
@@ -56,17 +58,6 @@ def config(name: str, *extra: str) -> ExperimentConfig:
 def steps(out_dir) -> list[dict]:
     lines = [json.loads(x) for x in (out_dir / "train_log.jsonl").read_text().splitlines()]
     return [x for x in lines if "event" not in x]
-
-
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, samples):
-        self.samples = samples
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        return self.samples[i]
 
 
 @pytest.fixture

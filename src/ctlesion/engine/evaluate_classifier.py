@@ -79,7 +79,7 @@ def evaluate_classifier(
     """
     from ..metrics import classification_report
 
-    from .train_classifier import check_class_names
+    from .train_classifier import check_class_names, slice_labels
 
     check_class_names(dataset, model, "the evaluation data")
     eval_cfg = eval_cfg or EvalConfig()
@@ -88,11 +88,7 @@ def evaluate_classifier(
     records, y_true, y_pred, scores = [], [], [], []
     for sample, probs, rois, _ in run_classifier(model, loader, device, cls_bn=cls_bn, seed=eval_cfg.seed,
                                                  progress=progress, total=len(loader)):
-        if sample.label is None:
-            raise ValueError(f"{sample.source}: evaluation needs a class label for {sample.sample_id}")
-        if not 0 <= sample.label < len(names):
-            raise ValueError(f"{sample.source}: label {sample.label} of {sample.sample_id} is outside the "
-                             f"model's classes {names}; map labels with data.class_map")
+        slice_labels([sample], names, "evaluation")
         rec = slice_record(sample, probs, names, rois)
         records.append(rec)
         y_true.append(sample.label)

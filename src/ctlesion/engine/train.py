@@ -26,6 +26,7 @@ from .checkpoint import load_checkpoint, load_train_state, save_checkpoint
 
 __all__ = [
     "NonFiniteLossError", "TrainResult", "train_segmentation", "resolve_device", "epoch_order", "scheduled_lr",
+    "save_epoch",
 ]
 
 
@@ -103,6 +104,20 @@ def _to_device(samples: list[Sample], device: torch.device):
 
 def _has_lesions(sample: Sample) -> bool:
     return len(sample.target["boxes"]) > 0
+
+
+def save_epoch(out_dir: Path, epoch: int, tc, checkpoint, validate=None) -> None:
+    """End of epoch ``epoch`` (counted from 1): write ``epoch-NNNN/`` and ``checkpoint/``
+    every ``save_every`` epochs, at the last one, and whenever ``validate`` runs (every
+    ``eval_every`` epochs and at the last), so a ``metrics.json`` sits next to the weights it
+    scored. ``checkpoint(path, epoch, batch_pos)`` saves; ``validate(saved_folder)`` scores."""
+    final = epoch == tc.epochs
+    scoring = validate is not None and (epoch % tc.eval_every == 0 or final)
+    if epoch % tc.save_every == 0 or final or scoring:
+        saved = checkpoint(out_dir / f"epoch-{epoch:04d}", epoch, 0)
+        checkpoint(out_dir / "checkpoint", epoch, 0)
+        if scoring:
+            validate(saved)
 
 
 def _validate(model, dataset, cfg: ExperimentConfig, device, epoch: int, step: int, log, ckpt: Path,
@@ -245,14 +260,8 @@ def train_segmentation(
             if stopped_early:
                 break
             epoch, batch_pos = epoch + 1, 0
-            final = epoch == tc.epochs
-            validate = val_dataset is not None and (epoch % tc.eval_every == 0 or final)
-            # A validated epoch is also saved, so its metrics.json sits next to the weights it scored.
-            if epoch % tc.save_every == 0 or final or validate:
-                saved = checkpoint(out_dir / f"epoch-{epoch:04d}", epoch, 0)
-                checkpoint(out_dir / "checkpoint", epoch, 0)
-                if validate:
-                    _validate(model, val_dataset, cfg, device, epoch, step, log, saved, progress)
+            save_epoch(out_dir, epoch, tc, checkpoint, None if val_dataset is None else
+                       lambda saved: _validate(model, val_dataset, cfg, device, epoch, step, log, saved, progress))
     finally:
         bar.close()
         log.close()

@@ -37,7 +37,7 @@ from ..models.rcnn_classifier import one_hot_bce
 from .checkpoint import WEIGHTS, _read_meta, load_checkpoint, load_train_state, save_checkpoint
 from .train import (
     NonFiniteLossError, TrainResult, _rng_state, _seed_everything, _set_rng_state, epoch_order,
-    resolve_device, scheduled_lr,
+    resolve_device, save_epoch, scheduled_lr,
 )
 
 __all__ = ["COPY_RULES", "CopyRule", "train_classifier", "init_from_checkpoint", "seg_index",
@@ -167,13 +167,15 @@ def check_class_names(dataset, model, what: str = "data") -> None:
                       "labels are matched by index", stacklevel=2)
 
 
-def _labels(samples: list[Sample], num_classes: int) -> torch.Tensor:
+def slice_labels(samples: list[Sample], class_names, what: str = "classification training") -> torch.Tensor:
+    """The samples' class labels as a tensor; a missing label or one outside the model's
+    classes is an error naming the sample."""
     for s in samples:
         if s.label is None:
-            raise ValueError(f"{s.source}: classification training needs a class label for {s.sample_id}")
-        if not 0 <= s.label < num_classes:
+            raise ValueError(f"{s.source}: {what} needs a class label for {s.sample_id}")
+        if not 0 <= s.label < len(class_names):
             raise ValueError(f"{s.source}: label {s.label} of {s.sample_id} is outside the model's "
-                             f"{num_classes} classes; map labels with data.class_map")
+                             f"{len(class_names)} classes {list(class_names)}; map labels with data.class_map")
     return torch.tensor([s.label for s in samples], dtype=torch.int64)
 
 
@@ -340,7 +342,7 @@ def train_classifier(
                         record.update({"seg_loss": float(seg_total.detach()), **terms, "copied": bool(copied)})
 
                 # 2. classification step
-                labels = _labels(samples, model.num_classes).to(device)
+                labels = slice_labels(samples, model.class_names).to(device)
                 ids = [s.sample_id for s in samples]
                 # A NaN pixel empties the RPN's output, and an empty RoI batch is all zeros:
                 # the loss would stay finite and the step train on nothing. Stop here instead.
@@ -370,13 +372,8 @@ def train_classifier(
             if stopped_early:
                 break
             epoch, batch_pos = epoch + 1, 0
-            final = epoch == tc.epochs
-            validate = val_dataset is not None and (epoch % tc.eval_every == 0 or final)
-            if epoch % tc.save_every == 0 or final or validate:
-                saved = checkpoint(out_dir / f"epoch-{epoch:04d}", epoch, 0)
-                checkpoint(out_dir / "checkpoint", epoch, 0)
-                if validate:
-                    _validate(model, val_dataset, cfg, device, epoch, step, log, saved, progress)
+            save_epoch(out_dir, epoch, tc, checkpoint, None if val_dataset is None else
+                       lambda saved: _validate(model, val_dataset, cfg, device, epoch, step, log, saved, progress))
     finally:
         bar.close()
         log.close()

@@ -1,11 +1,12 @@
-"""Writers for small synthetic CT files used by several test modules (imported directly:
-pytest puts this folder on ``sys.path``)."""
+"""Helpers several test modules share (imported directly: pytest puts this folder on
+``sys.path``): small synthetic CT files and an in-memory dataset."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import torch
 
 
 def write_ct_series(folder: Path, slices_hu: list[np.ndarray], spacing: float = 0.8) -> Path:
@@ -35,3 +36,16 @@ def write_ct_series(folder: Path, slices_hu: list[np.ndarray], spacing: float = 
         ds.PixelData = np.clip(np.asarray(hu) + 1024, 0, 4095).astype(np.uint16).tobytes()
         ds.save_as(str(folder / f"s{i}.dcm"), enforce_file_format=True)
     return folder
+
+
+class ListDataset(torch.utils.data.Dataset):
+    """A dataset over samples already in memory."""
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.samples[i]
