@@ -13,11 +13,12 @@ checkpoint rebuilds its model without the YAML it came from.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -61,7 +62,7 @@ class DetectorConfig:
     image_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     # "imagenet": (x - image_mean) / image_std (CTM/SSM code); "per_image": subtract each
     # image's own mean and divide by its own std (Affinity/LSTM code, spec §1.4).
-    normalization: str = "imagenet"
+    normalization: Literal["imagenet", "per_image"] = "imagenet"
     anchor_sizes: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32])
     aspect_ratios: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0, 1.5, 2.0])
     rpn_pre_nms_top_n_train: int = 2000
@@ -85,6 +86,20 @@ class DetectorConfig:
     # [256, 256, 256, 256] torchvision's default head (CTM ResNet50).
     mask_head_layers: list[int] = field(default_factory=lambda: [128])
     mask_predictor_width: int = 128
+    # Inference behaviours where the original code (a torchvision 0.3 fork) differs from
+    # torchvision; the defaults are torchvision's, converted author checkpoints set the
+    # author's (see ctlesion.models.rcnn_parts and docs/faithfulness.md).
+    # RPN: proposals with a side below this are removed (torchvision 1e-3; author 0).
+    rpn_min_size: float = 1e-3
+    # RPN NMS and post-NMS cap rank by the objectness "probability" (torchvision) or "logit" (author).
+    rpn_nms_score: Literal["probability", "logit"] = "probability"
+    # Detections kept before NMS: "min_side" (both sides >= 1e-2, torchvision), "positive_area"
+    # (area > 0, CTM code), "none" (SSM, Affinity, LSTM code).
+    detection_filter: Literal["min_side", "positive_area", "none"] = "min_side"
+    # "probabilities": paste sigmoid masks (torchvision; SSM/AFF/LSTM code); "logits": paste
+    # the mask logits and threshold them at mask_logit_threshold (CTM code).
+    mask_paste: Literal["probabilities", "logits"] = "probabilities"
+    mask_logit_threshold: float = 0.5
 
 
 @dataclass
@@ -114,7 +129,9 @@ class ClassifierConfig:
     affinity_dim: int = 16            # C*
     hidden_size: int = 256            # LSTM hidden / attention width
     eq16_linear: bool = True          # LSTM-2: paper Eq. 16 Linear (False = code-faithful)
-    roi_order: str = "confidence"     # "confidence" or "distance" (LSTM/Attention, spec §7.1)
+    # "confidence", "distance" (LSTM/Attention, spec §7.1; stable, exact ties) or "distance_code"
+    # (the LSTM code's float32 sqrt and unstable sort: what converted LSTM checkpoints use).
+    roi_order: Literal["confidence", "distance", "distance_code"] = "confidence"
     head_batch_stats: bool = True     # head BN uses RoI-batch statistics at test time (spec §6.2)
     # Benchmark CNN (kind "cnn"): torchvision classifier name and optional local weights.
     cnn_arch: str = "resnet18"
@@ -277,6 +294,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return update_dataclass(tp(), value, key)
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        return _choice(value, typing.get_args(tp), key)
     if origin is list:
         (item_tp,) = typing.get_args(tp) or (Any,)
         if not isinstance(value, (list, tuple)):
@@ -307,6 +326,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     return value
+
+
+def _choice(value: Any, choices: tuple, key: str) -> Any:
+    """``value`` if it is one of ``choices``, else a ConfigError naming the key and the closest choice."""
+    if value in choices:
+        return value
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}{hint}")
 
 
 def update_dataclass(obj: Any, values: dict, prefix: str = "") -> Any:

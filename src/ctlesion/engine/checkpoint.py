@@ -63,9 +63,12 @@ def _state_dict_for_safetensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(
     path: str | Path, model: nn.Module, config: ExperimentConfig, *, epoch: int, step: int,
-    train_state: dict[str, Any] | None = None, task: str = "segmentation",
+    train_state: dict[str, Any] | None = None, task: str = "segmentation", source: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint folder at ``path`` atomically (replacing any previous one)."""
+    """Write a checkpoint folder at ``path`` atomically (replacing any previous one).
+
+    ``source`` (converted checkpoints) is recorded in ``meta.json``: the original file's
+    name, SHA-256 and format."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{time.time_ns()}"
@@ -88,6 +91,8 @@ def save_checkpoint(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "files": {name: sha256_file(tmp / name) for name in files},
         }
+        if source is not None:
+            meta["source"] = source
         atomic_write_text(tmp / META, json.dumps(meta, indent=2))
         old = path.parent / f".{path.name}.old-{time.time_ns()}"
         if path.exists():

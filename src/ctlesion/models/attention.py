@@ -109,7 +109,9 @@ class LSTMAttention(nn.Module):
         h_beta = h_n[-1, 0]                       # last hidden state, [hidden] (= H[-1])
         v = self.fc_v(h_beta)                     # Eq. 11
         b = H @ v                                 # Eq. 12, [beta]
-        b_star = torch.softmax(b, dim=0)          # Eqs. 13-14
+        # Eqs. 13-14. Softmax down a [beta, 1] column, as the original code: the same float32
+        # reduction order, so the weights (and logits) match the author's bit for bit.
+        b_star = torch.softmax(b[:, None], dim=0)[:, 0]
         d = H.t() @ b_star                        # Eq. 15, [hidden]
         d_star = self.fc_d(d) if self.fc_d is not None else d   # Eq. 16 (paper) / absent (code)
         return d_star + v, b_star                 # Eq. 17

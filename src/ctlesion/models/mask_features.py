@@ -322,15 +322,20 @@ class MaskFeatureHead(nn.Module):
 # --------------------------------------------------------------------------------------
 
 
-def distance_order(boxes: Tensor) -> Tensor:
+def distance_order(boxes: Tensor, code: bool = False) -> Tensor:
     """Indices that sort boxes ``[beta, 4]`` (x1, y1, x2, y2) by the Euclidean distance from
     the image origin (0, 0) to the top-left corner (x1, y1), ascending (closest first).
 
     Stable: equal distances keep their input (confidence-rank) order. The distance is
     compared squared, in float64, so ties are exact. Returns a ``long`` tensor ``[beta]``.
+    ``code=True`` is the original code's expression instead (``roi_order: distance_code``).
     """
     if boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"distance_order expects boxes [n, 4], got {tuple(boxes.shape)}")
+    if code:
+        # The LSTM code's expression: float32 sqrt(x1^2 + y1^2), torch's default (unstable)
+        # sort. Equal distances then come out in whatever order that sort gives.
+        return torch.sqrt(boxes[:, 0] ** 2 + boxes[:, 1] ** 2).sort().indices
     xy = boxes[:, :2].to(torch.float64)
     d2 = (xy * xy).sum(dim=1)
     return torch.sort(d2, stable=True).indices

@@ -16,7 +16,10 @@ five loss terms; eval returns one dict per image with ``boxes``, ``labels``, ``s
 and ``masks`` (``[K, 1, H, W]`` probabilities).
 
 Known differences from torchvision 0.3 that we keep (spec §11.4): RPN and RoI box losses
-are smooth-L1 with beta 1/9 rather than L1 / beta 1.
+are smooth-L1 with beta 1/9 rather than L1 / beta 1. The inference differences (zero-size
+proposals and detections, NMS on logits, logit mask pasting) are configuration
+(``DetectorConfig.rpn_min_size`` ... ``mask_paste``, see :mod:`ctlesion.models.rcnn_parts`):
+the registry keeps torchvision's behaviour, converted author checkpoints the author's.
 """
 
 from __future__ import annotations
@@ -27,27 +30,14 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
 from ..config import DetectorConfig, ModelConfig
 from ..data.masks import get_mask_type
 from .backbones import build_backbone
+from .rcnn_parts import LesionRoIHeads, LesionRPN, LesionTransform
 
-__all__ = ["LesionMaskRCNN", "PerImageTransform", "build_maskrcnn", "set_detection_settings"]
-
-
-class PerImageTransform(GeneralizedRCNNTransform):
-    """torchvision's transform with per-image standardisation instead of fixed constants:
-    each image minus its own mean, divided by its own std (the Affinity/LSTM code, spec §1.4;
-    grey is replicated to 3 channels first, so every channel gets the same statistics)."""
-
-    def normalize(self, image):
-        if image.shape[0] == 1:
-            image = image.expand(3, -1, -1)
-        mean = image.mean(dim=(1, 2), keepdim=True)
-        std = image.std(dim=(1, 2), keepdim=True).clamp_min(1e-6)  # a constant slice stays finite
-        return (image - mean) / std
+__all__ = ["LesionMaskRCNN", "build_maskrcnn", "set_detection_settings"]
 
 
 class LesionMaskRCNN(MaskRCNN):
@@ -101,8 +91,6 @@ def build_maskrcnn(cfg: ModelConfig) -> LesionMaskRCNN:
     class_names = get_mask_type(d.mask_type).class_names
     backbone = build_backbone(cfg.backbone)
     num_levels = 4 if cfg.backbone.fpn == "full" else 1
-    if d.normalization not in ("imagenet", "per_image"):
-        raise ValueError(f"detector.normalization must be 'imagenet' or 'per_image', not {d.normalization!r}")
     model = LesionMaskRCNN(
         backbone,
         class_names,
@@ -129,7 +117,12 @@ def build_maskrcnn(cfg: ModelConfig) -> LesionMaskRCNN:
         box_positive_fraction=d.box_positive_fraction,
         **_heads_kwargs(d, num_levels, cfg.backbone.out_channels, len(class_names) + 1),
     )
-    if d.normalization == "per_image":
-        t = model.transform
-        model.transform = PerImageTransform(t.min_size, t.max_size, t.image_mean, t.image_std)
+    # The original code's behaviours where torchvision differs (rcnn_parts; defaults = torchvision).
+    model.rpn = LesionRPN.like(model.rpn, min_size=d.rpn_min_size, nms_score=d.rpn_nms_score)
+    model.roi_heads = LesionRoIHeads.like(model.roi_heads, detection_filter=d.detection_filter,
+                                          mask_paste=d.mask_paste)
+    t = model.transform
+    model.transform = LesionTransform(t.min_size, t.max_size, t.image_mean, t.image_std,
+                                      per_image=d.normalization == "per_image",
+                                      mask_logit_threshold=d.mask_logit_threshold)
     return model

@@ -26,7 +26,11 @@ from torch import Tensor, nn
 from .classifier import ClassifierOutput, SliceClassifier, bn_parameter_names
 from .roi_batch import RoIBatch, build_roi_batch
 
-__all__ = ["RCNNSliceClassifier", "one_hot_bce"]
+__all__ = ["RCNNSliceClassifier", "one_hot_bce", "ROI_ORDERS"]
+
+# RoI order for the head: confidence rank, or distance of the top-left corner from the
+# image origin (stable, exact ties), or the LSTM code's float32 expression and unstable sort.
+ROI_ORDERS = ("confidence", "distance", "distance_code")
 
 
 def one_hot_bce(logits: Tensor, labels: Tensor) -> Tensor:
@@ -50,8 +54,8 @@ class RCNNSliceClassifier(SliceClassifier):
             ``mask_branch`` for mask-feature heads); its weights are copied from the
             segmentation branch by :meth:`copy_segmentation_branch`.
         num_rois, nms_thresh, min_area: the RoI batch (spec §4.2).
-        roi_order: ``confidence`` or ``distance`` (top-left corner from the image origin,
-            spec §7.1), applied after selection.
+        roi_order: ``confidence``, ``distance`` (top-left corner from the image origin,
+            spec §7.1) or ``distance_code`` (the same, the LSTM code's way), applied after selection.
         segmentation: whether the detector is trained jointly (SSM, mask-feature models).
     """
 
@@ -62,8 +66,8 @@ class RCNNSliceClassifier(SliceClassifier):
         segmentation: bool = True, head_batch_stats: bool = False,
     ) -> None:
         super().__init__(class_names, config)
-        if roi_order not in ("confidence", "distance"):
-            raise ValueError(f"roi_order must be 'confidence' or 'distance', not {roi_order!r}")
+        if roi_order not in ROI_ORDERS:
+            raise ValueError(f"roi_order must be one of {ROI_ORDERS}, not {roi_order!r}")
         if uses_mask_features and (cls_branch is None or "mask_branch" not in cls_branch):
             raise ValueError("a mask-feature head needs a classification branch with a mask_branch")
         self.detector = detector
@@ -199,7 +203,7 @@ class RCNNSliceClassifier(SliceClassifier):
             return batch
         from .mask_features import distance_order
 
-        idx = distance_order(batch.boxes)
+        idx = distance_order(batch.boxes, code=self.roi_order == "distance_code")
         return RoIBatch(batch.rows[idx], batch.boxes[idx], batch.labels[idx], batch.num_survivors)
 
     def forward(self, images: list[Tensor], with_detections: bool = False) -> ClassifierOutput:

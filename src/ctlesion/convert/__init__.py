@@ -1,0 +1,1 @@
+"""Reading and converting the original author's checkpoints."""

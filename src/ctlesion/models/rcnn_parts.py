@@ -1,0 +1,224 @@
+"""Small torchvision subclasses that make the original code's detection behaviours reachable
+by configuration (``DetectorConfig``; the registry defaults keep torchvision's behaviour).
+
+The author's code is a 2019 fork of torchvision 0.3. Measured against its forward passes
+(``docs/faithfulness.md``), current torchvision differs in four places, each a switch here:
+
+* :class:`LesionRPN` (``rpn_min_size``, ``rpn_nms_score``): torchvision's RPN removes
+  proposals with a side under 1e-3 and runs its NMS on sigmoid probabilities; the author's
+  RPN keeps zero-size proposals (``min_size`` 0) and ranks by the objectness **logit**, which
+  decides the order of two proposals whose logits round to the same probability.
+* :class:`LesionRoIHeads` (``detection_filter``): torchvision drops detections with a side
+  under 1e-2; the CTM code drops only boxes of zero area (``positive_area``), the SSM,
+  Affinity and LSTM code drop none (``none``).
+* :class:`LesionRoIHeads` + :class:`LesionTransform` (``mask_paste``): torchvision pastes
+  sigmoid probabilities into the image; the CTM code pastes the mask **logits** and
+  thresholds them there (``logits``). The pasted ``masks`` are then
+  ``sigmoid(pasted_logit - mask_logit_threshold)``, so that 0.5 is exactly the CTM
+  decision boundary (pasted logit > threshold) for every consumer that thresholds at 0.5.
+
+Every module keeps its stock state-dict keys, and with the default settings each method
+defers to torchvision's own.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.models.detection.roi_heads import RoIHeads, paste_masks_in_image
+from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import boxes as box_ops
+
+__all__ = ["LesionRPN", "LesionRoIHeads", "LesionTransform", "DETECTION_FILTERS", "keep_detections"]
+
+DETECTION_FILTERS = ("min_side", "positive_area", "none")
+TORCHVISION_RPN_MIN_SIZE = 1e-3
+TORCHVISION_DETECTION_MIN_SIDE = 1e-2
+
+
+class LesionRPN(RegionProposalNetwork):
+    """torchvision's RPN with the proposal filter's minimum side and NMS score configurable.
+
+    ``min_size``: proposals with a side below it are removed after clipping (torchvision
+    1e-3; the author's code 0, which keeps zero-size proposals). ``nms_score``: what NMS
+    and the post-NMS cap rank by, ``probability`` (torchvision) or ``logit`` (author).
+    """
+
+    def __init__(self, *args, min_size: float = TORCHVISION_RPN_MIN_SIZE, nms_score: str = "probability",
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if nms_score not in ("probability", "logit"):
+            raise ValueError(f"nms_score must be 'probability' or 'logit', not {nms_score!r}")
+        self.min_size = float(min_size)
+        self.nms_score = nms_score
+
+    @classmethod
+    def like(cls, rpn: RegionProposalNetwork, **options) -> LesionRPN:
+        """The same RPN (same head, anchors and settings) with ``options`` set."""
+        return cls(
+            rpn.anchor_generator, rpn.head,
+            rpn.proposal_matcher.high_threshold, rpn.proposal_matcher.low_threshold,
+            rpn.fg_bg_sampler.batch_size_per_image, rpn.fg_bg_sampler.positive_fraction,
+            dict(rpn._pre_nms_top_n), dict(rpn._post_nms_top_n), rpn.nms_thresh,
+            score_thresh=rpn.score_thresh, **options,
+        )
+
+    def filter_proposals(self, proposals: Tensor, objectness: Tensor, image_shapes, num_anchors_per_level):
+        if self.nms_score == "probability":
+            return super().filter_proposals(proposals, objectness, image_shapes, num_anchors_per_level)
+        # The author's (torchvision 0.3) filter: top-n per level by logit, clip, drop small
+        # boxes, NMS per level on the logits, post-NMS cap. Returns logits as scores.
+        num_images = proposals.shape[0]
+        objectness = objectness.detach().reshape(num_images, -1)
+        levels = torch.cat([
+            torch.full((n,), idx, dtype=torch.int64, device=proposals.device)
+            for idx, n in enumerate(num_anchors_per_level)
+        ]).reshape(1, -1).expand_as(objectness)
+        top_n_idx = self._get_top_n_idx(objectness, num_anchors_per_level)
+        batch_idx = torch.arange(num_images, device=proposals.device)[:, None]
+        objectness, levels = objectness[batch_idx, top_n_idx], levels[batch_idx, top_n_idx]
+        proposals = proposals[batch_idx, top_n_idx]
+        final_boxes, final_scores = [], []
+        for boxes, scores, lvl, img_shape in zip(proposals, objectness, levels, image_shapes):
+            boxes = box_ops.clip_boxes_to_image(boxes, img_shape)
+            keep = box_ops.remove_small_boxes(boxes, self.min_size)
+            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+            keep = box_ops.batched_nms(boxes, scores, lvl, self.nms_thresh)[: self.post_nms_top_n()]
+            final_boxes.append(boxes[keep])
+            final_scores.append(scores[keep])
+        return final_boxes, final_scores
+
+
+def keep_detections(boxes: Tensor, rule: str) -> Tensor:
+    """Indices of the candidate boxes ``[n, 4]`` a detection filter keeps.
+
+    ``min_side``: both sides >= 1e-2 (torchvision); ``positive_area``: area > 0 (CTM code);
+    ``none``: every box (SSM, Affinity and LSTM code keep zero-size boxes).
+    """
+    if rule == "min_side":
+        return box_ops.remove_small_boxes(boxes, TORCHVISION_DETECTION_MIN_SIDE)
+    if rule == "positive_area":
+        return torch.where(box_ops.box_area(boxes) > 0)[0]
+    if rule == "none":
+        return torch.arange(len(boxes), device=boxes.device)
+    raise ValueError(f"detection filter must be one of {DETECTION_FILTERS}, not {rule!r}")
+
+
+class LesionRoIHeads(RoIHeads):
+    """torchvision's ``RoIHeads`` with the detection filter and the mask output configurable.
+
+    ``detection_filter``: see :func:`keep_detections`. ``mask_paste``: ``probabilities``
+    (torchvision: ``masks`` = sigmoid of the labelled class at 28x28) or ``logits`` (CTM
+    code: the labelled class's raw logits are returned as ``mask_logits``, which
+    :class:`LesionTransform` pastes into the image and turns into ``masks``).
+    """
+
+    def __init__(self, *args, detection_filter: str = "min_side", mask_paste: str = "probabilities",
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if detection_filter not in DETECTION_FILTERS:
+            raise ValueError(f"detection_filter must be one of {DETECTION_FILTERS}, not {detection_filter!r}")
+        if mask_paste not in ("probabilities", "logits"):
+            raise ValueError(f"mask_paste must be 'probabilities' or 'logits', not {mask_paste!r}")
+        self.detection_filter = detection_filter
+        self.mask_paste = mask_paste
+
+    @classmethod
+    def like(cls, heads: RoIHeads, **options) -> LesionRoIHeads:
+        """The same heads (same modules and settings) with ``options`` set."""
+        return cls(
+            heads.box_roi_pool, heads.box_head, heads.box_predictor,
+            heads.proposal_matcher.high_threshold, heads.proposal_matcher.low_threshold,
+            heads.fg_bg_sampler.batch_size_per_image, heads.fg_bg_sampler.positive_fraction,
+            heads.box_coder.weights, heads.score_thresh, heads.nms_thresh, heads.detections_per_img,
+            mask_roi_pool=heads.mask_roi_pool, mask_head=heads.mask_head, mask_predictor=heads.mask_predictor,
+            **options,
+        )
+
+    def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
+        if self.detection_filter == "min_side":
+            return super().postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+        # torchvision's procedure with the small-box filter replaced (keep_detections).
+        num_classes = class_logits.shape[-1]
+        per_image = [len(p) for p in proposals]
+        pred_boxes = self.box_coder.decode(box_regression, proposals).split(per_image, 0)
+        pred_scores = F.softmax(class_logits, -1).split(per_image, 0)
+        all_boxes, all_scores, all_labels = [], [], []
+        for boxes, scores, image_shape in zip(pred_boxes, pred_scores, image_shapes):
+            boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
+            labels = torch.arange(num_classes, device=class_logits.device).view(1, -1).expand_as(scores)
+            boxes, scores, labels = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1), labels[:, 1:].reshape(-1)
+            inds = torch.where(scores > self.score_thresh)[0]
+            boxes, scores, labels = boxes[inds], scores[inds], labels[inds]
+            keep = keep_detections(boxes, self.detection_filter)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+            all_boxes.append(boxes[keep])
+            all_scores.append(scores[keep])
+            all_labels.append(labels[keep])
+        return all_boxes, all_scores, all_labels
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        if self.training or self.mask_paste == "probabilities" or not self.has_mask():
+            return super().forward(features, proposals, image_shapes, targets)
+        # Logit masks: torchvision's box inference (mask branch hidden), then the mask
+        # branch on the detections, keeping the labelled class's logits unsquashed.
+        mask_roi_pool, self.mask_roi_pool = self.mask_roi_pool, None
+        try:
+            result, losses = super().forward(features, proposals, image_shapes, targets)
+        finally:
+            self.mask_roi_pool = mask_roi_pool
+        boxes = [r["boxes"] for r in result]
+        logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, boxes, image_shapes)))
+        labels = torch.cat([r["labels"] for r in result])
+        picked = logits[torch.arange(len(labels), device=labels.device), labels][:, None]
+        for r, m in zip(result, picked.split([len(b) for b in boxes], 0)):
+            r["mask_logits"] = m
+        return result, losses
+
+
+class LesionTransform(GeneralizedRCNNTransform):
+    """torchvision's transform with two options.
+
+    ``per_image``: each image minus its own mean, divided by its own std instead of fixed
+    constants (the Affinity/LSTM code, spec §1.4; grey is replicated to 3 channels first, so
+    every channel gets the same statistics). ``mask_logit_threshold``: when the heads return
+    ``mask_logits`` (CTM code), they are pasted into the image as logits and ``masks``
+    becomes ``sigmoid(pasted - threshold)``, nudged so that ``masks > 0.5`` holds exactly
+    where ``pasted > threshold``.
+    """
+
+    def __init__(self, *args, per_image: bool = False, mask_logit_threshold: float = 0.5, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.per_image = per_image
+        self.mask_logit_threshold = float(mask_logit_threshold)
+
+    def normalize(self, image: Tensor) -> Tensor:
+        if not self.per_image:
+            return super().normalize(image)
+        channels = image.expand(3, -1, -1) if image.shape[0] == 1 else image
+        # Channel by channel over the 2-D plane, as the author's normalize_img (unbiased std):
+        # the same reduction, so the same float32 result. A constant slice stays finite.
+        return torch.stack([(c - c.mean()) / c.std().clamp_min(1e-6) for c in channels])
+
+    def postprocess(self, result, image_shapes, original_image_sizes):
+        result = super().postprocess(result, image_shapes, original_image_sizes)
+        if self.training:
+            return result
+        for pred, size in zip(result, original_image_sizes):
+            if "mask_logits" in pred:
+                pasted = paste_masks_in_image(pred.pop("mask_logits"), pred["boxes"], size)
+                pred["masks"] = logit_mask_scores(pasted, self.mask_logit_threshold)
+        return result
+
+
+def logit_mask_scores(pasted_logits: Tensor, threshold: float) -> Tensor:
+    """``sigmoid(pasted - threshold)`` in [0, 1], with ``> 0.5`` exactly where ``pasted > threshold``
+    (float32 sigmoid rounds to 0.5 for tiny positive arguments)."""
+    above = pasted_logits > threshold
+    scores = torch.sigmoid(pasted_logits - threshold)
+    half = torch.tensor(0.5, dtype=scores.dtype, device=scores.device)
+    just_above = torch.nextafter(half, torch.ones_like(half))
+    return torch.where(above, scores.clamp_min(just_above), scores.clamp_max(half))
