@@ -16,6 +16,11 @@ def data_root() -> Path:
     return Path(os.environ.get("CTLESION_DATA_ROOT", REPO.parent / "shared" / "data"))
 
 
+def author_fixtures_root() -> Path:
+    """The author-code fixtures (``shared/fixtures/author``; ``CTLESION_SHARED_ROOT`` moves shared/)."""
+    return Path(os.environ.get("CTLESION_SHARED_ROOT", REPO.parent / "shared")) / "fixtures" / "author"
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     root = data_root()

@@ -213,6 +213,30 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flatten(tree: dict, prefix: str = ""):
+    """``{"a": {"b": 1}}`` -> ``[("a.b", 1)]``."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _cmd_convert_weights(args: argparse.Namespace) -> int:
+    from .convert.author import convert_author_checkpoint
+
+    names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
+    result = convert_author_checkpoint(args.author_checkpoint, args.out, model_name=args.model, class_names=names)
+    print(f"{args.author_checkpoint}: {result.family} weights -> {result.model_name} "
+          f"({result.num_tensors} tensors, every key mapped)")
+    print(f"source SHA-256 {result.source_sha256}")
+    for note in result.notes:
+        print(f"note: {note}")
+    print("the author's evaluation settings: " + ", ".join(f"{k}={v}" for k, v in _flatten(result.settings)))
+    print(f"checkpoint: {result.checkpoint} (use with `ctlesion predict/evaluate --checkpoint`)")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -293,6 +317,17 @@ def build_parser() -> argparse.ArgumentParser:
     data_options(p)
     p.set_defaults(func=_cmd_predict)
 
+    p = sub.add_parser("convert-weights",
+                       help="convert one of the author's released checkpoints (torch 1.1 .pth, .xz/.gz) "
+                            "into a ctlesion checkpoint; nothing in the file is executed")
+    p.add_argument("author_checkpoint", help="the author's checkpoint file (.pth, .pth.xz, .pth.gz)")
+    p.add_argument("--model", default=None,
+                   help="ctlesion model name (default: inferred from the weights; `ctlesion models` lists them)")
+    p.add_argument("--class-names", default=None,
+                   help="comma-separated slice class names, in logit order (default: normal,cp,covid for 3 logits)")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.set_defaults(func=_cmd_convert_weights)
+
     p = sub.add_parser("demo", help="train and evaluate on built-in synthetic phantoms (CPU, minutes)")
     p.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
     p.add_argument("--quick", action="store_true", help="a much shorter run, for smoke tests")
@@ -313,13 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
+    from .convert.author_reader import AuthorCheckpointError
     from .engine.checkpoint import CheckpointError
     from .engine.train import NonFiniteLossError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, NonFiniteLossError, *USER_ERRORS) as exc:
+    except (ConfigError, CheckpointError, AuthorCheckpointError, NonFiniteLossError, *USER_ERRORS) as exc:
         print(f"ctlesion {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -266,14 +266,16 @@ def _author_masks(author: dict[str, np.ndarray]) -> np.ndarray | None:
 
 
 @torch.no_grad()
-def compare_fixture(fixture: str | Path, workdir: str | Path | None = None) -> FixtureRun:
-    """Convert ``fixture``'s author checkpoint, run it on the fixture's slice, compare every stage."""
+def compare_fixture(fixture: str | Path, checkpoint: str | Path | None = None) -> FixtureRun:
+    """Convert ``fixture``'s author checkpoint (into ``checkpoint``, kept; default a temporary
+    folder), run it on the fixture's slice as a user would, and compare every stage."""
     from ..engine.checkpoint import load_checkpoint
 
     fixture = Path(fixture)
     author = dict(np.load(fixture / "outputs.npz"))
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        result = convert_author_checkpoint(fixture / AUTHOR_FILE, Path(tmp) / "checkpoint")
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(checkpoint) if checkpoint is not None else Path(tmp) / "checkpoint"
+        result = convert_author_checkpoint(fixture / AUTHOR_FILE, target)
         model, cfg, _ = load_checkpoint(result.checkpoint)
     model.eval()
     recorder = _Recorder(model)
