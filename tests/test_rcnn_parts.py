@@ -10,8 +10,9 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.roi_heads import RoIHeads, paste_masks_in_image
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
-from ctlesion.config import ConfigError, load_experiment, update_dataclass
-from ctlesion.models.mask_features import distance_order
+from ctlesion.config import ConfigError, update_dataclass
+from ctlesion.experiment import load_experiment
+from ctlesion.models.roi_batch import distance_order
 from ctlesion.models.rcnn_parts import (
     LesionRoIHeads, LesionRPN, LesionTransform, keep_detections, logit_mask_scores,
 )
@@ -20,12 +21,25 @@ from ctlesion.registry import create_model, default_model_config
 TINY = "maskrcnn-r18-s2"
 
 
-def _tiny(**detector):
+def _build_tiny(**detector):
     """A small maskrcnn-r18-s2 (64-128 px input) with ``--set``-like detector changes, eval mode."""
     cfg = default_model_config(TINY)
-    update_dataclass(cfg, {"detector": {"min_size": 64, "max_size": 128, "rpn_pre_nms_top_n_test": 200,
-                                        "rpn_post_nms_top_n_test": 100, **detector}})
+    torch.manual_seed(0)                     # the same weights whichever test builds it first
+    update_dataclass(cfg, {"detector": {"min_size": 64, "max_size": 128, "rpn_pre_nms_top_n_test": 100,
+                                        "rpn_post_nms_top_n_test": 60, "box_detections_per_img": 12,
+                                        **detector}})
     return create_model(cfg).eval()
+
+
+_CACHE: dict = {}
+
+
+def _tiny(**detector):
+    """:func:`_build_tiny`, shared between tests: callers must not modify it (build a fresh one)."""
+    key = tuple(sorted(detector.items()))
+    if key not in _CACHE:
+        _CACHE[key] = _build_tiny(**detector)
+    return _CACHE[key]
 
 
 # ----------------------------------------------------------------------------- RPN
@@ -61,7 +75,7 @@ def _saturated_case():
 
 def test_rpn_logit_nms_ranks_by_logit_where_probabilities_tie():
     assert torch.sigmoid(torch.tensor(20.0)) == torch.sigmoid(torch.tensor(21.0)) == 1.0  # the premise
-    logit, prob = _tiny(rpn_nms_score="logit").rpn, _tiny().rpn
+    logit, prob = _build_tiny(rpn_nms_score="logit").rpn, _build_tiny().rpn    # modified below
     assert (logit.nms_score, prob.nms_score) == ("logit", "probability")
 
     boxes, scores = logit.filter_proposals(*_saturated_case())
@@ -194,7 +208,7 @@ def test_logit_mask_model_output_equals_pasted_logits_thresholded(threshold):
     assert model.roi_heads.mask_paste == "logits" and model.transform.mask_logit_threshold == threshold
     captured = []
     hook = model.roi_heads.mask_predictor.register_forward_hook(lambda m, i, o: captured.append(o.detach()))
-    image = torch.rand(1, 64, 80)
+    image = torch.rand(1, 64, 80, generator=torch.Generator().manual_seed(1))
     try:
         with torch.no_grad():
             out = model([image])[0]
@@ -216,14 +230,30 @@ def test_logit_mask_model_output_equals_pasted_logits_thresholded(threshold):
 def test_probability_masks_differ_from_logit_masks_on_the_same_weights():
     """The switch changes the output: same weights, same image, different pasted masks."""
     logit = _tiny(mask_paste="logits", mask_logit_threshold=0.0)
-    prob = _tiny()
+    prob = _build_tiny()
     prob.load_state_dict(logit.state_dict())
-    image = torch.rand(1, 64, 64)
+    image = torch.rand(1, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         a, b = logit([image.clone()])[0], prob([image.clone()])[0]
     assert torch.equal(a["boxes"], b["boxes"]) and len(a["boxes"]) > 0
     # threshold 0 on logits is 0.5 on probabilities, but bilinear pasting before/after the sigmoid differs
     assert not torch.equal(a["masks"], b["masks"])
+
+
+def test_mask_paste_logits_does_not_change_training():
+    """The logit-mask switch is inference only: the same training losses, bit for bit."""
+    image = torch.rand(1, 64, 64, generator=torch.Generator().manual_seed(3))
+    masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    masks[0, 12:40, 16:44] = 1
+    target = {"boxes": torch.tensor([[16.0, 12.0, 44.0, 40.0]]), "labels": torch.tensor([1]), "masks": masks}
+    losses = []
+    for paste in ("logits", "probabilities"):
+        model = _build_tiny(mask_paste=paste).train()
+        torch.manual_seed(5)                 # the samplers draw from the global generator
+        losses.append(model([image.clone()], [dict(target)]))
+    assert set(losses[0]) == set(losses[1]) and "loss_mask" in losses[0]
+    for key in losses[0]:
+        assert torch.equal(losses[0][key], losses[1][key]), key
 
 
 # ----------------------------------------------------------------------------- per-image normalisation
@@ -279,22 +309,24 @@ def test_registry_defaults_are_torchvision():
 def test_default_model_equals_stock_torchvision_maskrcnn():
     model = create_model(TINY).eval()
     d, rpn, heads, t = model.config.detector, model.rpn, model.roi_heads, model.transform
+    # Sizes only, not switches under test, for a fast forward; the stock model gets the same.
+    t.min_size, t.max_size = (64,), 128
+    rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"], heads.detections_per_img = 150, 100, 20
     stock = MaskRCNN(
         model.backbone, num_classes=None, min_size=t.min_size, max_size=t.max_size,
         image_mean=t.image_mean, image_std=t.image_std,
         rpn_anchor_generator=rpn.anchor_generator, rpn_head=rpn.head,
-        rpn_pre_nms_top_n_test=d.rpn_pre_nms_top_n_test, rpn_post_nms_top_n_test=d.rpn_post_nms_top_n_test,
-        rpn_nms_thresh=d.rpn_nms_thresh,
+        rpn_pre_nms_top_n_test=150, rpn_post_nms_top_n_test=100, rpn_nms_thresh=d.rpn_nms_thresh,
         box_roi_pool=heads.box_roi_pool, box_head=heads.box_head, box_predictor=heads.box_predictor,
         box_score_thresh=d.box_score_thresh, box_nms_thresh=d.box_nms_thresh,
-        box_detections_per_img=d.box_detections_per_img,
+        box_detections_per_img=20,
         mask_roi_pool=heads.mask_roi_pool, mask_head=heads.mask_head, mask_predictor=heads.mask_predictor,
     ).eval()
     assert type(stock.rpn) is RegionProposalNetwork and type(stock.roi_heads) is RoIHeads
     image = torch.rand(1, 64, 64)
     with torch.no_grad():
         ours, ref = model([image.clone()])[0], stock([image.clone()])[0]
-    assert len(ref["boxes"]) > 0
+    assert len(ref["boxes"]) == 20                               # the cap: NMS and ranking both matter
     assert set(ours) == set(ref) == {"boxes", "labels", "scores", "masks"}
     for key in ref:
         assert torch.equal(ours[key], ref[key]), key

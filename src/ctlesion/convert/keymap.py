@@ -37,10 +37,12 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor
 
+from ..errors import CheckpointError
+
 __all__ = ["KeyMapError", "author_key_to_ctlesion", "map_state_dict", "TIED_DUPLICATES"]
 
 
-class KeyMapError(ValueError):
+class KeyMapError(CheckpointError):
     """The author's weights do not fill the ctlesion model one to one; the message lists why."""
 
 
@@ -115,7 +117,7 @@ def map_state_dict(author: Mapping[str, Tensor], target: Mapping[str, Tensor], *
     :class:`KeyMapError` lists everything that is missing, left over or mis-shaped.
     """
     mapped: OrderedDict[str, Tensor] = OrderedDict()
-    unknown, untied, shapes = [], [], []
+    unknown, untied, shapes, misfit = [], [], [], set()
     for key, value in author.items():
         original = _tied_original(key)
         if original is not None:
@@ -130,9 +132,10 @@ def map_state_dict(author: Mapping[str, Tensor], target: Mapping[str, Tensor], *
             value = value.reshape(-1)
         if tuple(value.shape) != tuple(target[new].shape):
             shapes.append(f"{key} {tuple(value.shape)} -> {new} {tuple(target[new].shape)}")
+            misfit.add(new)
             continue
         mapped[new] = value.to(target[new].dtype)
-    missing = [k for k in target if k not in mapped]
+    missing = [k for k in target if k not in mapped and k not in misfit]
     problems = [
         (f"{len(unknown)} author keys with no place in the model", unknown),
         (f"{len(missing)} model keys not filled", missing),
