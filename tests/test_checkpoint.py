@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from ctlesion.config import ExperimentConfig, load_experiment
+from ctlesion.config import ExperimentConfig
+from ctlesion.experiment import load_experiment
 from ctlesion.engine.checkpoint import (
     CheckpointError, load_checkpoint, load_train_state, save_checkpoint,
 )

@@ -25,7 +25,7 @@ from ctlesion.data.classification import (
     patient_split,
     split_indices,
 )
-from ctlesion.data.datasets import build_dataset, parse_data_spec
+from ctlesion.data.factory import build_dataset, parse_data_spec
 
 S = 16  # synthetic image side
 

@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ctlesion.config import (
-    ConfigError, ExperimentConfig, apply_overrides, experiment_from_dict, load_experiment, to_dict,
-)
+from ctlesion.config import ConfigError, ExperimentConfig, apply_overrides, to_dict
+from ctlesion.experiment import experiment_from_dict, load_experiment
 from ctlesion.demo import demo_config
 from ctlesion.registry import list_models
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from ctlesion.config import load_experiment
+from ctlesion.experiment import load_experiment
 from ctlesion.models.classifier import UPDATE_RULES, ClassifierOutput, trainable_names
 from ctlesion.models.ctm import ModuleS
 from ctlesion.models.rcnn_classifier import RCNNSliceClassifier, one_hot_bce

@@ -12,13 +12,9 @@ import torch
 from PIL import Image
 
 from ctlesion.config import DataConfig
-from ctlesion.data.datasets import (
-    LesionFolderDataset,
-    VolumeDataset,
-    build_dataset,
-    discover_inputs,
-    parse_data_spec,
-)
+from ctlesion.data.datasets import LesionFolderDataset, VolumeDataset
+from ctlesion.data.discovery import discover_inputs
+from ctlesion.data.factory import build_dataset, parse_data_spec
 from ctlesion.data.sample import Sample
 
 H, W = 24, 20
@@ -342,7 +338,8 @@ def test_parse_data_spec_errors(spec, error, match):
 
 def test_cache_reads_each_sample_once():
     from ctlesion.config import DataConfig
-    from ctlesion.data.datasets import CachedDataset, build_dataset
+    from ctlesion.data.factory import build_dataset
+    from ctlesion.data.wrappers import CachedDataset
 
     cfg = DataConfig(format="phantom", num_samples=3, phantom_size=64, min_area=4, cache=True)
     dataset = build_dataset(cfg, "both")

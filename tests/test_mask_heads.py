@@ -17,8 +17,8 @@ from ctlesion.models.mask_features import (
     Refinement,
     RefinementBlock,
     Vectorisation,
-    distance_order,
 )
+from ctlesion.models.roi_batch import distance_order
 
 
 # ---------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ctlesion.config import DataConfig, ExperimentConfig, TrainConfig
-from ctlesion.engine.train_classifier import train_classifier
-from ctlesion.models.mask_features import distance_order
+from ctlesion.engine.train import train_classifier
+from ctlesion.models.roi_batch import distance_order
 from ctlesion.registry import count_parameters, create_model, default_model_config
 
 SIZE = 64

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from ctlesion.config import BackboneConfig, load_experiment
+from ctlesion.config import BackboneConfig
+from ctlesion.experiment import load_experiment
 from ctlesion.models.backbones import build_backbone
 from ctlesion.registry import count_parameters, create_model, default_model_config, list_models
 

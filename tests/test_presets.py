@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ctlesion.config import load_experiment
-from ctlesion.engine.train_classifier import resolve_auto_settings
+from ctlesion.experiment import load_experiment
+from ctlesion.engine.steps import resolve_auto_settings
 from ctlesion.models.classifier import UPDATE_RULES, trainable_names
 from ctlesion.models.rcnn_classifier import one_hot_bce
 from ctlesion.registry import create_model, get_entry

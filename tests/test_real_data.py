@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ctlesion.data.datasets import LesionFolderDataset, VolumeDataset, parse_data_spec
+from ctlesion.data.datasets import LesionFolderDataset, VolumeDataset
+from ctlesion.data.factory import parse_data_spec
 from ctlesion.data.readers import Volume, read_volume, volume_to_samples
 
 P001 = Path("covid-ct-md") / "Sample data" / "COVID-19 subjects" / "P001"

@@ -9,7 +9,7 @@ import torch
 
 from _helpers import ListDataset
 
-from ctlesion.config import load_experiment
+from ctlesion.experiment import load_experiment
 from ctlesion.data.sample import Sample, empty_target
 from ctlesion.engine.checkpoint import load_checkpoint, load_train_state
 from ctlesion.engine.train import NonFiniteLossError, epoch_order, train_segmentation
@@ -75,7 +75,7 @@ def test_time_limit_stops_mid_epoch_and_resume_picks_up_the_next_batch(tmp_path,
     train_segmentation(_cfg("train.epochs=1"), tmp_path / "ref", dataset=data, progress=False)
 
     clock = iter(range(1000))
-    monkeypatch.setattr("ctlesion.engine.train.time.monotonic", lambda: float(next(clock)))
+    monkeypatch.setattr("ctlesion.engine.loop.time.monotonic", lambda: float(next(clock)))
     # The clock ticks once at start and once per batch check: a limit of 2.5 s allows two batches.
     first = train_segmentation(_cfg("train.epochs=1", "train.time_limit_s=2.5"), tmp_path / "cut",
                                dataset=data, progress=False)
@@ -173,3 +173,21 @@ def test_unlabelled_training_data_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="needs labelled slices"):
         train_segmentation(_cfg("train.epochs=1", "train.skip_negatives=true"), tmp_path,
                            dataset=ListDataset([sample]), progress=False)
+
+
+def test_the_loop_trains_a_model_it_is_given(tmp_path):
+    from ctlesion.engine.train import train
+    from ctlesion.registry import create_model
+
+    cfg = _cfg("train.epochs=1")
+    torch.manual_seed(5)
+    mine = create_model(cfg.model)
+    before = {k: v.clone() for k, v in mine.state_dict().items()}
+    result = train(cfg, tmp_path, model=mine, dataset=ListDataset([_square_sample(i) for i in range(2)]),
+                   progress=False)
+    assert result.steps == 1
+    saved, _, meta = load_checkpoint(result.checkpoint)
+    assert meta["task"] == "segmentation"
+    after = mine.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)          # this very model learned
+    assert all(torch.equal(after[k], v) for k, v in saved.state_dict().items())  # and was saved

@@ -16,20 +16,21 @@ from torch import nn
 from _helpers import ListDataset
 
 import ctlesion.registry as registry
-from ctlesion.config import ExperimentConfig, load_experiment
+from ctlesion.config import ExperimentConfig
+from ctlesion.experiment import load_experiment
 from ctlesion.data.phantom import PhantomDataset
 from ctlesion.engine.checkpoint import load_checkpoint, load_train_state, save_checkpoint
 from ctlesion.engine.evaluate_classifier import evaluate_classifier, run_classifier
 from ctlesion.engine.train import NonFiniteLossError
-from ctlesion.engine.train_classifier import (
+from ctlesion.engine.steps import (
     COPY_RULES,
     FAMILY_DEFAULTS,
     CopyRule,
     init_from_checkpoint,
     resolve_auto_settings,
     seg_index,
-    train_classifier,
 )
+from ctlesion.engine.train import train_classifier
 from ctlesion.models.ctm import ModuleS
 
 SIZE = 64
@@ -316,7 +317,7 @@ def test_ctm_time_limit_resume_is_bit_identical(tmp_path, monkeypatch):
     assert (saved["update_rule"], saved["copy_rule"], saved["cls_bn"]) == ("s_bn", "none", "eval")
 
     clock = iter(range(1000))
-    monkeypatch.setattr("ctlesion.engine.train_classifier.time.monotonic", lambda: float(next(clock)))
+    monkeypatch.setattr("ctlesion.engine.loop.time.monotonic", lambda: float(next(clock)))
     # one tick at start, one per batch check: a limit of 2.5 s allows two of the three batches
     first = train_classifier(config("ctm-r18-s2", "data.num_samples=3", "train.time_limit_s=2.5"), tmp_path / "cut",
                              progress=False)

@@ -4,9 +4,9 @@
 classifiers (CTM, CNNs) and joint models (SSM, mask-feature models); the checkpoint's
 task decides what is computed.
 
-Errors a user can fix (bad config key, missing file, corrupt checkpoint, unreadable
-DICOM) print one clear line and exit with status 2; anything else is a bug and keeps
-its traceback.
+Errors a user can fix (:class:`~ctlesion.errors.CtlesionError`: bad config key, corrupt
+checkpoint, unreadable DICOM; or a missing file) print one clear line and exit with
+status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -18,7 +18,12 @@ from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 
-USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, NotADirectoryError)
+from .errors import ConfigError, CtlesionError
+
+# Problems the user can fix print one line (exit 2): ctlesion's own errors and missing or
+# unreadable paths. Anything else (a ValueError inside torch, a bug) keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (CtlesionError, FileNotFoundError, NotADirectoryError,
+                                                IsADirectoryError, PermissionError)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -36,21 +41,18 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_experiment
-    from .engine.train import train_segmentation
-    from .engine.train_classifier import train_classifier
+    from .experiment import load_experiment
+    from .engine.train import train
     from .registry import get_entry
 
     cfg = load_experiment(args.config, args.set)
     resume = False
     if args.resume is not None:
         resume = True if args.resume == "latest" else Path(args.resume)
-    task = get_entry(cfg.model.name).task
-    if task == "segmentation":
-        result = train_segmentation(cfg, args.out, resume=resume, progress=not args.quiet)
+    result = train(cfg, args.out, resume=resume, progress=not args.quiet)
+    if get_entry(cfg.model.name).task == "segmentation":
         last = f"last loss {result.last_losses.get('loss', float('nan')):.4f}"
     else:
-        result = train_classifier(cfg, args.out, resume=resume, progress=not args.quiet)
         last = f"last classification loss {result.last_losses.get('cls_loss', float('nan')):.4f}"
         if "seg_loss" in result.last_losses:
             last += f", segmentation loss {result.last_losses['seg_loss']:.4f}"
@@ -58,21 +60,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"training {state}: {result.epochs_done} epochs, {result.steps} steps, {result.seconds:.0f} s; {last}")
     print(f"checkpoint: {result.checkpoint}")
     return 0
-
-
-def _data_config_for(spec: str, ckpt_cfg, args: argparse.Namespace):
-    """Parse ``--data`` and inherit the checkpoint's preprocessing unless overridden."""
-    from .data.datasets import parse_data_spec
-
-    data = parse_data_spec(spec)
-    train_data = ckpt_cfg.data
-    data.min_area = args.min_area if args.min_area is not None else train_data.min_area
-    data.size = args.size if args.size is not None else train_data.size
-    if args.window is not None:
-        data.window = args.window
-    if getattr(args, "split", None):
-        data.split = args.split
-    return data
 
 
 def _f1_weights(text: str | None):
@@ -83,92 +70,40 @@ def _f1_weights(text: str | None):
     try:
         return [float(v) for v in text.split(",")]
     except ValueError:
-        raise ValueError(f"--f1-weights must be 'shares', 'paper' or comma-separated numbers, not {text!r}") from None
+        raise ConfigError(f"--f1-weights must be 'shares', 'paper' or comma-separated numbers, not {text!r}") from None
 
 
-def _evaluate_classifier(args: argparse.Namespace, model, cfg, meta) -> int:
-    from dataclasses import replace
+def _print_segmentation(metrics: dict, out: Path) -> None:
+    leg, coco = metrics["legacy"], metrics["coco"]
+    print(f"{metrics['num_images']} images ({metrics['num_negative_images']} without lesions), "
+          f"score threshold {metrics['settings']['score_thresh']}")
+    print(f"legacy (papers' per-image AP): AP50 {leg['AP50']:.4f}  AP75 {leg['AP75']:.4f}  mAP {leg['mAP']:.4f}")
+    print(f"COCO segm: AP {coco['segm']['AP']:.4f}  AP50 {coco['segm']['AP50']:.4f}  AP75 {coco['segm']['AP75']:.4f}")
+    print(f"COCO bbox: AP {coco['bbox']['AP']:.4f}  AP50 {coco['bbox']['AP50']:.4f}  AP75 {coco['bbox']['AP75']:.4f}")
+    written = len(metrics.get("overlay_files", []))
+    print(f"wrote {out / 'metrics.json'}" + (f" and {written} overlays in {out / 'overlays'}" if written else ""))
 
-    from .data.datasets import build_dataset
-    from .engine.evaluate import evaluate_segmentation
-    from .engine.evaluate_classifier import evaluate_classifier, write_classification_outputs
-    from .engine.train import resolve_device
+
+def _print_classification(metrics: dict, out: Path) -> None:
     from .metrics import format_report
 
-    data = _data_config_for(args.data, cfg, args)
-    if data.format == cfg.data.format and data.class_map is None:
-        data.class_map = cfg.data.class_map  # same naming scheme as in training
-    dataset = build_dataset(data, cfg.model.detector.mask_type)
-    eval_cfg = replace(cfg.eval, f1_weights=_f1_weights(args.f1_weights))
-    device = resolve_device(args.device)
-    cls_bn = cfg.train.cls_bn if cfg.train.cls_bn != "auto" else "eval"
-    metrics, records = evaluate_classifier(model, dataset, device, eval_cfg=eval_cfg, cls_bn=cls_bn,
-                                           progress=not args.quiet)
-    metrics["checkpoint"] = str(args.checkpoint)
-    metrics["data"] = args.data
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.seg_data:
-        if not getattr(model, "has_segmentation", False):
-            raise ValueError(f"--seg-data: {cfg.model.name} has no segmentation branch")
-        seg_data = _data_config_for(args.seg_data, cfg, args)
-        seg_data.size = args.size if args.size is not None else (cfg.seg_data.size if cfg.seg_data else None)
-        seg_data.min_area = cfg.seg_data.min_area if cfg.seg_data else seg_data.min_area
-        seg_eval = replace(cfg.eval, **{k: v for k, v in (("score_thresh", args.score_thresh),
-                                                          ("nms_thresh", args.nms_thresh)) if v is not None})
-        seg_metrics, _ = evaluate_segmentation(model.detector, build_dataset(seg_data, cfg.model.detector.mask_type),
-                                               seg_eval, device, progress=not args.quiet)
-        seg_metrics["data"] = args.seg_data
-        metrics["segmentation"] = seg_metrics
-    write_classification_outputs(out, metrics, records, title=f"{cfg.model.name}: {metrics['num_samples']} slices")
     print(format_report(metrics))
     if "segmentation" in metrics:
         leg = metrics["segmentation"]["legacy"]
         print(f"segmentation (legacy per-image AP): AP50 {leg['AP50']:.4f}  AP75 {leg['AP75']:.4f}  "
               f"mAP {leg['mAP']:.4f}; COCO segm AP {metrics['segmentation']['coco']['segm']['AP']:.4f}")
     print(f"wrote {out / 'metrics.json'}, {out / 'confusion_matrix.png'} and {out / 'predictions.jsonl'}")
-    return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from dataclasses import replace
+    from .engine.api import evaluate_checkpoint
 
-    from .data.datasets import build_dataset
-    from .engine.checkpoint import load_checkpoint
-    from .engine.evaluate import evaluate_segmentation, write_json
-    from .engine.predict import safe_filename
-    from .engine.train import resolve_device
-    from .viz import save_overlay
-
-    model, cfg, meta = load_checkpoint(args.checkpoint)
-    if meta.get("task", "segmentation") != "segmentation":
-        return _evaluate_classifier(args, model, cfg, meta)
-    data = _data_config_for(args.data, cfg, args)
-    dataset = build_dataset(data, cfg.model.detector.mask_type)
-    eval_cfg = replace(
-        cfg.eval,
-        **{k: v for k, v in (("score_thresh", args.score_thresh), ("nms_thresh", args.nms_thresh),
-                             ("detections_per_img", args.max_detections)) if v is not None},
-    )
-    device = resolve_device(args.device)
-    metrics, kept = evaluate_segmentation(model, dataset, eval_cfg, device, progress=not args.quiet,
-                                          keep=args.overlays)
-    metrics["checkpoint"] = str(args.checkpoint)
-    metrics["data"] = args.data
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "metrics.json", metrics)
-    for sample, pred in kept:
-        save_overlay(out / "overlays" / f"{safe_filename(sample.sample_id)}.png", sample.image,
-                     prediction=pred, class_names=model.class_names, target=sample.target,
-                     score_threshold=eval_cfg.score_thresh, title=sample.sample_id)
-    leg, coco = metrics["legacy"], metrics["coco"]
-    print(f"{metrics['num_images']} images ({metrics['num_negative_images']} without lesions), "
-          f"score threshold {eval_cfg.score_thresh}")
-    print(f"legacy (papers' per-image AP): AP50 {leg['AP50']:.4f}  AP75 {leg['AP75']:.4f}  mAP {leg['mAP']:.4f}")
-    print(f"COCO segm: AP {coco['segm']['AP']:.4f}  AP50 {coco['segm']['AP50']:.4f}  AP75 {coco['segm']['AP75']:.4f}")
-    print(f"COCO bbox: AP {coco['bbox']['AP']:.4f}  AP50 {coco['bbox']['AP50']:.4f}  AP75 {coco['bbox']['AP75']:.4f}")
-    print(f"wrote {out / 'metrics.json'}" + (f" and {len(kept)} overlays in {out / 'overlays'}" if kept else ""))
+    metrics = evaluate_checkpoint(
+        args.checkpoint, args.data, args.out, seg_data=args.seg_data, split=args.split, min_area=args.min_area,
+        size=args.size, window=args.window, score_thresh=args.score_thresh, nms_thresh=args.nms_thresh,
+        max_detections=args.max_detections, f1_weights=_f1_weights(args.f1_weights), overlays=args.overlays,
+        device=args.device, progress=not args.quiet)
+    (_print_segmentation if metrics["task"] == "segmentation" else _print_classification)(metrics, Path(args.out))
     return 0
 
 
@@ -347,15 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import ConfigError
-    from .convert.author_reader import AuthorCheckpointError
-    from .engine.checkpoint import CheckpointError
-    from .engine.train import NonFiniteLossError
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, AuthorCheckpointError, NonFiniteLossError, *USER_ERRORS) as exc:
+    except USER_ERRORS as exc:
         print(f"ctlesion {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

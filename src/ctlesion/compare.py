@@ -17,7 +17,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from .config import DataConfig, EvalConfig, ExperimentConfig, TrainConfig
+from .errors import ConfigError
 from .registry import default_model_config
 
 __all__ = ["FAMILIES", "compare_config", "run_compare"]
@@ -38,7 +41,7 @@ def compare_config(family: str, budget_s: float, size: int = COMPARE_SIZE, quick
     """One family's run: its registry defaults at ``size`` px, lr 1e-4, the family's own
     update and copy rules ("auto"), stopped by the time budget."""
     if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; choose from {list(FAMILIES)}")
+        raise ConfigError(f"unknown family {family!r}; choose from {list(FAMILIES)}")
     model = default_model_config(FAMILIES[family])
     model.detector = replace(
         model.detector, min_size=size, max_size=size,
@@ -62,13 +65,10 @@ def compare_config(family: str, budget_s: float, size: int = COMPARE_SIZE, quick
 def run_compare(out: str | Path = "demo-output", budget_s: float = 150.0, families=None,
                 quick: bool = False, progress: bool = True) -> dict:
     """Train and score each family; returns (and writes) the comparison table."""
-    from .data.datasets import build_dataset
-    from .engine.checkpoint import load_checkpoint
-    from .engine.evaluate import write_json
-    from .engine.evaluate_classifier import evaluate_classifier, write_classification_outputs
-    from .engine.train import resolve_device
-    from .engine.train_classifier import train_classifier
-    from .registry import count_parameters
+    from .engine.api import evaluate_checkpoint
+    from .engine.io import write_json
+    from .engine.train import train_classifier
+    from .registry import count_parameters, create_model
 
     out = Path(out)
     rows = []
@@ -77,13 +77,12 @@ def run_compare(out: str | Path = "demo-output", budget_s: float = 150.0, famili
         print(f"[compare] {family}: {cfg.model.name}, {budget_s:.0f} s budget")
         run_dir = out / "compare" / family
         result = train_classifier(cfg, run_dir, progress=progress)
-        model, _, _ = load_checkpoint(result.checkpoint)
-        heldout = build_dataset(cfg.val_data, cfg.model.detector.mask_type)
-        metrics, records = evaluate_classifier(model, heldout, resolve_device(cfg.train.device), eval_cfg=cfg.eval,
-                                         cls_bn=cfg.train.cls_bn, progress=False)
-        write_classification_outputs(run_dir, metrics, records, title=f"{family}: {len(heldout)} held-out phantoms")
+        metrics = evaluate_checkpoint(result.checkpoint, cfg.val_data, run_dir, progress=False,
+                                      title=f"{family}: {{n}} held-out phantoms")
+        with torch.device("meta"):
+            params = count_parameters(create_model(cfg.model))
         rows.append({
-            "family": family, "model": cfg.model.name, "params_M": round(count_parameters(model) / 1e6, 2),
+            "family": family, "model": cfg.model.name, "params_M": round(params / 1e6, 2),
             "iterations": result.steps, "train_seconds": round(result.seconds, 1),
             "overall_accuracy": metrics["overall_accuracy"], "f1_weighted": metrics["f1_weighted"],
             "f1_macro": metrics["f1_macro"], "roc_auc_macro": metrics.get("roc_auc_macro"),

@@ -1,13 +1,10 @@
-"""Typed configuration: dataclasses, YAML presets and dotted ``--set`` overrides.
+"""Typed configuration schema: dataclasses, type-checked updates from YAML mappings and
+dotted ``--set`` overrides. Fixed sets of strings are ``Literal`` types, checked when the
+config loads (the key named, the closest choice suggested).
 
-A run's configuration is one :class:`ExperimentConfig`. It is resolved in this order:
-
-1. the registry's defaults for ``model.name`` (the paper's hyper-parameters);
-2. the YAML file (only the keys it states);
-3. ``--set key=value`` overrides (values parsed as YAML scalars).
-
-The fully resolved config is written next to every output (``config.yaml``), so a
-checkpoint rebuilds its model without the YAML it came from.
+This module imports nothing else of ctlesion but its error types: resolving a run's
+config (registry defaults <- YAML <- ``--set``), versions and upgrades live in
+:mod:`ctlesion.experiment`.
 """
 
 from __future__ import annotations
@@ -22,15 +19,13 @@ from typing import Any, Literal
 
 import yaml
 
+from .errors import ConfigError
+
 __all__ = [
     "BackboneConfig", "DetectorConfig", "ClassifierConfig", "ModelConfig", "DataConfig", "TrainConfig",
-    "EvalConfig", "ExperimentConfig", "ConfigError", "update_dataclass", "apply_overrides",
-    "load_experiment", "save_config", "to_dict",
+    "EvalConfig", "ExperimentConfig", "ConfigError", "CONFIG_VERSION", "update_dataclass", "apply_overrides",
+    "read_yaml", "to_dict",
 ]
-
-
-class ConfigError(ValueError):
-    """A configuration key or value that cannot be used; the message names the key."""
 
 
 @dataclass
@@ -43,9 +38,9 @@ class BackboneConfig:
     layer1..layer4 (the CTM ResNet50 model), also without the max-pool level.
     """
 
-    arch: str = "resnet18"
+    arch: Literal["resnet18", "resnet34", "resnet50", "resnext50_32x4d", "resnext101_32x8d"] = "resnet18"
     stages: int = 3
-    fpn: str = "single"
+    fpn: Literal["single", "full"] = "single"
     out_channels: int = 256
     # Local ImageNet state-dict file (.pth/.safetensors); None = random (Kaiming) init.
     weights: str | None = None
@@ -55,7 +50,7 @@ class BackboneConfig:
 class DetectorConfig:
     """Mask R-CNN hyper-parameters (spec §3). Defaults are the CTM lightweight model's."""
 
-    mask_type: str = "merge"
+    mask_type: Literal["merge", "both", "ggo", "separate"] = "merge"
     min_size: int = 512
     max_size: int = 1024
     image_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
@@ -110,11 +105,11 @@ class ClassifierConfig:
     ``attention``, ``lstm1``, ``lstm2`` (mask-feature models), ``cnn`` (benchmark CNN).
     """
 
-    kind: str = "none"
+    kind: Literal["none", "ctm", "ssm", "affinity", "attention", "lstm1", "lstm2", "cnn"] = "none"
     class_names: list[str] = field(default_factory=lambda: ["normal", "cp", "covid"])
     # "shared": the segmentation RoI branch also builds the classification RoI batch (single
     # branch); "separate": a second, weight-copied RoI branch does (spec §5.1, §6.1).
-    branch: str = "shared"
+    branch: Literal["shared", "separate"] = "shared"
     # RoIs per image fed to the head: N (CTM 256 / 128, SSM 128) or beta (Affinity 8, LSTM 16).
     rois: int = 128
     roi_nms_thresh: float = 0.75
@@ -134,7 +129,7 @@ class ClassifierConfig:
     roi_order: Literal["confidence", "distance", "distance_code"] = "confidence"
     head_batch_stats: bool = True     # head BN uses RoI-batch statistics at test time (spec §6.2)
     # Benchmark CNN (kind "cnn"): torchvision classifier name and optional local weights.
-    cnn_arch: str = "resnet18"
+    cnn_arch: Literal["resnet18", "resnext50_32x4d", "resnext101_32x8d", "densenet121", "densenet169"] = "resnet18"
     cnn_weights: str | None = None
     input_size: int = 512             # CNN input is resized to input_size x input_size
 
@@ -161,7 +156,8 @@ class DataConfig:
     preset (``lung``, ``mediastinum``, ``as_stored``) or ``W:L`` in HU.
     """
 
-    format: str = "phantom"
+    format: Literal["phantom", "cncb", "semiseg", "images", "dicom", "nifti", "covidx", "classfirst",
+                    "class_folders", "covid-ct-md"] = "phantom"
     root: str | None = None
     split: str | None = None
     labels: str | None = None
@@ -181,7 +177,7 @@ class DataConfig:
     class_map: list[int] | None = None
     # COVID-CT-MD: which slice-level infection labels ("updated", "original") and whether
     # COVID/CAP slices without visible infection are left out (as COVIDx-CT does).
-    slice_labels: str = "updated"
+    slice_labels: Literal["updated", "original"] = "updated"
     exclude_uninfected: bool = True
     # Keep only these patient ids (see ``ctlesion.data.patient_split``); None = all.
     patients: list[str] | None = None
@@ -195,7 +191,7 @@ class TrainConfig:
     lr: float = 1e-5
     weight_decay: float = 1e-3
     # "constant" (the papers) or "cosine" (decay to lr * min_lr_ratio over the run).
-    lr_schedule: str = "constant"
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = 0.01
     batch_size: int = 1
     seed: int = 0
@@ -216,17 +212,17 @@ class TrainConfig:
     # (head + backbone BatchNorm affine), "s_backbone" (head + backbone and FPN; SSM rule 2),
     # "full" (everything the loss reaches). All others get grad=None: no Adam step at all.
     # "auto" picks the original's choice for the model family (resolved into config.yaml).
-    update_rule: str = "auto"
+    update_rule: Literal["auto", "s_only", "s_bn", "s_backbone", "full"] = "auto"
     # For s_bn: "all" BN layers of the backbone, or "code" (names containing "bn": the
     # original filter, which leaves out the downsample BNs), spec §10 #12.
-    bn_params: str = "all"
+    bn_params: Literal["all", "code"] = "all"
     # When the segmentation branch is copied into a separate classification branch:
     # "none", "once" (before training), "running_min" (SSM code: L_SEG below its running
     # minimum), "previous" (LSTM code: below the previous iteration's L_SEG), "every", or "auto".
-    copy_rule: str = "auto"
+    copy_rule: Literal["auto", "none", "once", "running_min", "previous", "every"] = "auto"
     # Backbone BatchNorm in the classification step: "eval" (running statistics; CTM/SSM)
     # or "batch" (train mode, single-image statistics; LSTM code, spec §7.5), or "auto".
-    cls_bn: str = "auto"
+    cls_bn: Literal["auto", "eval", "batch"] = "auto"
     # Initialise from a checkpoint: every weight whose name and shape match is copied (a
     # segmentation checkpoint fills the detector; a classifier with another label set
     # keeps its new last layer: fine-tuning).
@@ -251,8 +247,14 @@ class EvalConfig:
     seed: int = 0
 
 
+CONFIG_VERSION = 1
+
+
 @dataclass
 class ExperimentConfig:
+    # Schema version of a saved config.yaml; ctlesion.experiment.upgrade_config brings older
+    # files up to date (a config without the key is version 1).
+    version: int = CONFIG_VERSION
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     val_data: DataConfig | None = None
@@ -378,7 +380,7 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
     return cfg
 
 
-def _read_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -389,35 +391,3 @@ def _read_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return data
-
-
-def load_experiment(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Resolve registry defaults <- YAML file <- overrides into an :class:`ExperimentConfig`."""
-    from .registry import default_model_config  # late import: registry imports models
-
-    data = _read_yaml(path) if path is not None else {}
-    overrides = list(overrides or [])
-    model_name = data.get("model", {}).get("name", ModelConfig().name)
-    for item in overrides:
-        if item.split("=", 1)[0].strip() == "model.name":
-            model_name = yaml.safe_load(item.split("=", 1)[1])
-    cfg = ExperimentConfig(model=default_model_config(model_name))
-    try:
-        update_dataclass(cfg, data)
-        apply_overrides(cfg, overrides)
-    except ConfigError as exc:
-        where = f"{path}: " if path is not None else ""
-        raise ConfigError(f"{where}{exc}") from None
-    return cfg
-
-
-def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML (atomically)."""
-    from .engine.io import atomic_write_text
-
-    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-def experiment_from_dict(data: dict) -> ExperimentConfig:
-    """Rebuild a resolved config (e.g. a checkpoint's ``config.yaml``)."""
-    return update_dataclass(ExperimentConfig(), data)

@@ -100,13 +100,12 @@ def demo_classification_config(seg_checkpoint: str | Path, quick: bool = False) 
 def run_demo(out: str | Path = "demo-output", quick: bool = False, progress: bool = True) -> dict:
     """Run the demo; returns the held-out metrics (also in ``OUT/segmentation/metrics.json``)."""
     import torch
+    from PIL import Image
 
-    from .data.datasets import build_dataset
-    from .engine.checkpoint import load_checkpoint
-    from .engine.evaluate import evaluate_segmentation, write_json
-    from .engine.train import resolve_device, train_segmentation
-    from .engine.predict import safe_filename
-    from .viz import contact_sheet, draw_overlay
+    from .engine.api import evaluate_checkpoint
+    from .engine.io import write_json
+    from .engine.train import train_segmentation
+    from .viz import contact_sheet
 
     start = time.monotonic()
     seg_dir = Path(out) / "segmentation"
@@ -118,28 +117,14 @@ def run_demo(out: str | Path = "demo-output", quick: bool = False, progress: boo
     result = train_segmentation(cfg, seg_dir, progress=progress)
     print(f"[demo] trained {result.steps} steps in {result.seconds:.0f} s")
 
-    model, _, _ = load_checkpoint(result.checkpoint)
-    heldout = build_dataset(cfg.val_data, cfg.model.detector.mask_type)
-    print(f"[demo] evaluating on {len(heldout)} held-out phantoms (seed {cfg.val_data.seed})")
-    metrics, kept = evaluate_segmentation(model, heldout, cfg.eval, resolve_device(cfg.train.device),
-                                          progress=progress, keep=12)
-    metrics["data"] = f"phantom:n={len(heldout)},size={DEMO_SIZE},seed={cfg.val_data.seed}"
-    metrics["checkpoint"] = str(result.checkpoint)
+    print(f"[demo] evaluating on {cfg.val_data.num_samples} held-out phantoms (seed {cfg.val_data.seed})")
+    metrics = evaluate_checkpoint(result.checkpoint, cfg.val_data, seg_dir, overlays=12, progress=progress)
+    overlay_files = metrics.pop("overlay_files")
     metrics["train_seconds"] = round(result.seconds, 1)
     write_json(seg_dir / "metrics.json", metrics)
-
+    if overlay_files:
+        contact_sheet([Image.open(f) for f in overlay_files], columns=4).save(seg_dir / "overlays.png")
     overlay_dir = seg_dir / "overlays"
-    tiles = []
-    overlay_dir.mkdir(parents=True, exist_ok=True)
-    for sample, pred in kept:
-        # Drawn once: the same picture is saved alone and tiled into the contact sheet.
-        tile = draw_overlay(sample.image, prediction=pred, class_names=model.class_names,
-                            target=sample.target, score_threshold=cfg.eval.score_thresh,
-                            title=sample.sample_id)
-        tile.save(overlay_dir / f"{safe_filename(sample.sample_id)}.png")
-        tiles.append(tile)
-    if tiles:
-        contact_sheet(tiles, columns=4).save(seg_dir / "overlays.png")
 
     leg, coco = metrics["legacy"], metrics["coco"]
     print(f"[demo] held-out legacy AP50 {leg['AP50']:.3f}  AP75 {leg['AP75']:.3f}  mAP {leg['mAP']:.3f} "
@@ -157,12 +142,9 @@ def run_demo(out: str | Path = "demo-output", quick: bool = False, progress: boo
 
 def run_classification_demo(out: Path, seg_checkpoint: Path, quick: bool = False, progress: bool = True) -> dict:
     """Train and score the demo's Single-Shot Model; outputs in ``out/classification``."""
-    from .data.datasets import build_dataset
-    from .engine.checkpoint import load_checkpoint
-    from .engine.evaluate import evaluate_segmentation
-    from .engine.evaluate_classifier import evaluate_classifier, write_classification_outputs
-    from .engine.train import resolve_device
-    from .engine.train_classifier import train_classifier
+    from .engine.api import evaluate_checkpoint
+    from .engine.io import write_json
+    from .engine.train import train_classifier
     from .metrics import format_report
 
     cls_dir = out / "classification"
@@ -171,17 +153,12 @@ def run_classification_demo(out: Path, seg_checkpoint: Path, quick: bool = False
           f"{cfg.data.num_samples} classification + {cfg.seg_data.num_samples} segmentation phantoms")
     result = train_classifier(cfg, cls_dir, progress=progress)
     print(f"[demo] trained {result.steps} joint iterations in {result.seconds:.0f} s")
-    model, _, _ = load_checkpoint(result.checkpoint)
-    device = resolve_device(cfg.train.device)
-    heldout = build_dataset(cfg.val_data, cfg.model.detector.mask_type)
-    metrics, records = evaluate_classifier(model, heldout, device, eval_cfg=cfg.eval, cls_bn=cfg.train.cls_bn,
-                                           progress=progress)
-    seg_metrics, _ = evaluate_segmentation(model.detector, heldout, cfg.eval, device, progress=progress)
+    metrics = evaluate_checkpoint(result.checkpoint, cfg.val_data, cls_dir, seg_data=cfg.val_data, progress=progress,
+                                  title="SSM demo: {n} held-out phantoms")
+    seg_metrics = metrics.pop("segmentation")
     metrics["segmentation"] = {"legacy": seg_metrics["legacy"], "coco_segm_AP": seg_metrics["coco"]["segm"]["AP"]}
-    metrics["data"] = f"phantom:n={len(heldout)},size={DEMO_SIZE},seed={cfg.val_data.seed}"
-    metrics["checkpoint"] = str(result.checkpoint)
     metrics["train_seconds"] = round(result.seconds, 1)
-    write_classification_outputs(cls_dir, metrics, records, title=f"SSM demo: {len(heldout)} held-out phantoms")
+    write_json(cls_dir / "metrics.json", metrics)
     print(format_report(metrics))
     leg = metrics["segmentation"]["legacy"]
     print(f"[demo] SSM segmentation branch after joint training: legacy mAP {leg['mAP']:.3f} (AP50 {leg['AP50']:.3f})")

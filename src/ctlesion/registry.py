@@ -14,6 +14,12 @@ from typing import Callable
 from torch import nn
 
 from .config import BackboneConfig, ClassifierConfig, DetectorConfig, ModelConfig
+from .errors import ConfigError
+from .models.cnn import build_cnn_classifier
+from .models.ctm import build_ctm
+from .models.mask_feature_model import build_mask_feature_model
+from .models.maskrcnn import build_maskrcnn
+from .models.ssm import build_ssm
 
 __all__ = [
     "ModelEntry", "register_model", "list_models", "get_entry", "default_model_config",
@@ -65,7 +71,7 @@ def get_entry(name: str) -> ModelEntry:
     except KeyError:
         close = [n for n in _REGISTRY if name.split("-")[0] in n][:8]
         hint = f" (similar: {', '.join(close)})" if close else ""
-        raise ValueError(f"unknown model {name!r}{hint}; `ctlesion models` lists them") from None
+        raise ConfigError(f"unknown model {name!r}{hint}; `ctlesion models` lists them") from None
 
 
 def default_model_config(name: str) -> ModelConfig:
@@ -102,7 +108,6 @@ def model_table(pattern: str = "*") -> list[dict]:
 
 
 def _register_segmentation() -> None:
-    from .models.maskrcnn import build_maskrcnn
 
     @register_model(
         "maskrcnn-r50-fpn",
@@ -180,8 +185,6 @@ _register_segmentation()
 
 
 def _register_classifiers() -> None:
-    from .models.ctm import build_ctm
-    from .models.ssm import build_ssm
 
     # COVID-CT-Mask-Net stage 2 (spec §4): N=256, F=1024 for the ResNet50 model; the
     # README's lightweight models use N=128, F=512. CTM keeps every box of positive area.
@@ -233,7 +236,6 @@ def _register_classifiers() -> None:
                 )(ssm)
 
     # Mask-feature models (spec §6-§7): RoI mask features of beta selected RoIs -> head.
-    from .models.mask_features import build_mask_feature_model
 
     for short, arch in SHORT_ARCHS.items():
         @register_model(
@@ -268,7 +270,6 @@ def _register_classifiers() -> None:
             )(lstm)
 
     # The papers' benchmark whole-slice CNNs (papers 003/004): plain torchvision classifiers.
-    from .models.cnn import build_cnn_classifier
 
     for short, arch in (("resnet18", "resnet18"), ("resnext50", "resnext50_32x4d"),
                         ("resnext101", "resnext101_32x8d"), ("densenet121", "densenet121"),

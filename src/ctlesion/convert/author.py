@@ -21,6 +21,9 @@ from typing import Any, Mapping
 import torch
 
 from ..config import ExperimentConfig, update_dataclass
+from ..data.masks import get_mask_type
+from ..engine.checkpoint import save_checkpoint
+from ..errors import ConfigError, CtlesionError, DataError
 from ..registry import create_model, default_model_config, get_entry, list_models
 from .author_reader import anchor_settings, read_author_checkpoint, sha256_of_file, state_dict_of
 from .keymap import map_state_dict
@@ -76,7 +79,7 @@ _FAMILY_PREFIX = {"ssm": "ssm", "ssm-2branch": "ssm", "ssm-detector": "ssm-detec
 _MASK_TYPE_BY_CLASSES = {2: "merge", 3: "both", 4: "separate"}
 
 
-class ConversionError(ValueError):
+class ConversionError(CtlesionError, ValueError):
     """The author's checkpoint cannot be converted; the message names the file and why."""
 
 
@@ -170,7 +173,6 @@ def _stored_settings(cfg: ExperimentConfig, ckpt: Mapping[str, Any], weights: Ma
             notes.append(f"anchors from the checkpoint {sizes} x {ratios} (preset {d.anchor_sizes} x {d.aspect_ratios})")
         d.anchor_sizes, d.aspect_ratios = sizes, ratios
     det_classes = weights["roi_heads.box_predictor.cls_score.weight"].shape[0]
-    from ..data.masks import get_mask_type
 
     if len(get_mask_type(d.mask_type).class_names) + 1 != det_classes:
         d.mask_type = _MASK_TYPE_BY_CLASSES.get(det_classes, d.mask_type)
@@ -218,14 +220,13 @@ def _check_family(model_name: str, family: str) -> None:
 
 def anchor_levels(generator: Any) -> tuple:
     """The stored generator's per-level size tuples (the CTM code stores 5, the SSM code 1)."""
-    sizes = getattr(generator, "sizes", None)
+    sizes = generator.get("sizes") if isinstance(generator, Mapping) else getattr(generator, "sizes", None)
     return tuple(sizes) if sizes is not None else ()
 
 
 def convert_author_checkpoint(path: str | Path, out: str | Path, *, model_name: str | None = None,
                               class_names: list[str] | None = None) -> ConversionResult:
     """Read the author's checkpoint at ``path`` and write a ctlesion checkpoint folder ``out``."""
-    from ..engine.checkpoint import save_checkpoint
 
     path = Path(path)
     ckpt = read_author_checkpoint(path)
@@ -243,8 +244,9 @@ def convert_author_checkpoint(path: str | Path, out: str | Path, *, model_name: 
         model = create_model(cfg.model)
         state = map_state_dict(weights, model.state_dict(), source=str(path),
                                detector_prefix="detector." if get_entry(model_name).task != "segmentation" else "")
-    except (ConversionError, ValueError) as exc:
-        raise ConversionError(f"{path}: {exc}") from None
+    except (ConversionError, ConfigError, DataError) as exc:
+        message = str(exc)
+        raise ConversionError(message if message.startswith(str(path)) else f"{path}: {message}") from None
     model.load_state_dict(state)
     source = {"file": path.name, "sha256": sha256_of_file(path), "format": "author (Ter-Sarkisov) checkpoint",
               "epoch": str(ckpt.get("epoch")), "family": family}

@@ -38,6 +38,8 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
+from ..errors import DataError
+
 __all__ = [
     "AuthorCheckpointError", "AuthorRecord", "ALLOWED_GLOBALS", "read_author_checkpoint",
     "decompressed_bytes", "state_dict_of", "anchor_settings", "sha256_of_file",
@@ -51,7 +53,7 @@ AnchorSettings = tuple[tuple[int | float, ...], tuple[int | float, ...]]  # (siz
 _MODULE_FIELDS = ("_parameters", "_buffers", "_modules")
 
 
-class AuthorCheckpointError(ValueError):
+class AuthorCheckpointError(DataError):
     """An author checkpoint that is missing, unreadable or not shaped as expected."""
 
 

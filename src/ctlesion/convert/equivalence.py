@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..engine.checkpoint import load_checkpoint
 from .author import convert_author_checkpoint
 
 __all__ = ["StageResult", "FixtureRun", "fixture_input", "compare_fixture", "find_fixtures"]
@@ -269,7 +270,6 @@ def _author_masks(author: dict[str, np.ndarray]) -> np.ndarray | None:
 def compare_fixture(fixture: str | Path, checkpoint: str | Path | None = None) -> FixtureRun:
     """Convert ``fixture``'s author checkpoint (into ``checkpoint``, kept; default a temporary
     folder), run it on the fixture's slice as a user would, and compare every stage."""
-    from ..engine.checkpoint import load_checkpoint
 
     fixture = Path(fixture)
     author = dict(np.load(fixture / "outputs.npz"))

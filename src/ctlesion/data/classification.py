@@ -30,7 +30,9 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from .datasets import _count_slices, _folder_has_dicom, _natural_key
+from ..errors import DataError
+from .discovery import count_slices, folder_has_dicom, natural_key, split_lines
+from .labels import CLASS_FOLDER_ALIASES, CLASS_NAMES, resolve_class_map
 from .readers import IMAGE_SUFFIXES, PillowReader, Volume, is_image, make_sample, path_stem, read_volume
 from .sample import Sample
 from .windowing import resolve_window
@@ -41,20 +43,11 @@ __all__ = [
     "patient_labels", "patient_split", "split_indices",
 ]
 
-#: Source class order of COVIDx-CT, the author's names and COVID-CT-MD (spec §1.2).
-CLASS_NAMES = ("normal", "cp", "covid")
 CLASSIFICATION_LAYOUTS = ("covidx", "classfirst", "class_folders")
 
 # CNCB class folder prefix per class index, as in COVIDx names and metadata.csv patient ids.
 _CNCB_PREFIX = {0: "Normal", 1: "CP", 2: "NCP"}
 
-# Folder names that make a folder of subfolders an unambiguous ``class_folders`` root
-# (auto-detection only; the dataset itself accepts any names).
-CLASS_FOLDER_ALIASES = frozenset({
-    "normal", "control", "negative", "noncovid", "non-covid", "non_covid",
-    "cp", "cap", "pneumonia",
-    "covid", "covid-19", "covid19", "covid_19", "ncp", "positive",
-})
 
 _LIST_MAX = 5  # names listed in an error before "..."
 
@@ -66,49 +59,18 @@ def _listing(items: Sequence[str]) -> str:
 # --------------------------------------------------------------------------- class maps
 
 
-def _resolve_class_map(
-    class_map: Sequence[int] | None, source_names: Sequence[str]
-) -> tuple[list[int], tuple[str, ...]]:
-    """Source index -> model index (``-1`` drops), and the model's class names.
-
-    Without a map, model classes are the source classes. With one, model class ``k`` is
-    named after the source classes mapped to it, joined by ``+`` (``"unused"`` when none).
-    """
-    n = len(source_names)
-    if class_map is None:
-        return list(range(n)), tuple(source_names)
-    values = list(class_map)
-    if len(values) != n:
-        raise ValueError(
-            f"class_map {values} has {len(values)} entries but the source has {n} classes "
-            f"({', '.join(f'{i} {name}' for i, name in enumerate(source_names))}); give one model "
-            "index (or -1 to drop) per source class"
-        )
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < -1:
-            raise ValueError(f"class_map {values}: entries must be integers >= 0, or -1 to drop, got {v!r}")
-    kept = [int(v) for v in values if v >= 0]
-    if not kept:
-        raise ValueError(f"class_map {values} drops every class")
-    names = []
-    for k in range(max(kept) + 1):
-        sources = [source_names[i] for i, v in enumerate(values) if v == k]
-        names.append("+".join(sources) if sources else "unused")
-    return [int(v) for v in values], tuple(names)
-
-
 def _patient_set(patients: Iterable[str] | None) -> set[str] | None:
     if patients is None:
         return None
     if isinstance(patients, str):  # a bare string would be split into characters
-        raise ValueError(f"patients must be a list of patient ids, got the string {patients!r}")
+        raise DataError(f"patients must be a list of patient ids, got the string {patients!r}")
     return {str(p) for p in patients}
 
 
 def _warn_absent_patients(wanted: set[str] | None, present: Iterable[str], where: str) -> None:
     if wanted is None:
         return
-    absent = sorted(wanted - set(present), key=_natural_key)
+    absent = sorted(wanted - set(present), key=natural_key)
     if absent:
         warnings.warn(
             f"{where}: {len(absent)} of the {len(wanted)} requested patient(s) are not in this "
@@ -237,7 +199,7 @@ class ClassificationFolderDataset(Dataset):
         class_names: Sequence[str] | None = None,
     ) -> None:
         if layout not in CLASSIFICATION_LAYOUTS:
-            raise ValueError(
+            raise DataError(
                 f"unknown classification layout {layout!r}; choose one of {list(CLASSIFICATION_LAYOUTS)}"
             )
         self.root = Path(root)
@@ -245,18 +207,18 @@ class ClassificationFolderDataset(Dataset):
         if not self.root.is_dir():
             raise FileNotFoundError(f"dataset root not found: {self.root}")
         if size is not None and (not isinstance(size, int) or size < 1):
-            raise ValueError(f"size must be a positive integer, got {size!r}")
+            raise DataError(f"size must be a positive integer, got {size!r}")
         # Fail at construction on a window that cannot fit 8-bit data.
         resolve_window(window, "stored", str(self.root))
         self.window, self.size = window, size
         self.split = None if split is None else Path(split)
         if class_names is not None and layout != "class_folders":
-            raise ValueError(f"class_names applies to the 'class_folders' layout only, not {layout!r}")
+            raise DataError(f"class_names applies to the 'class_folders' layout only, not {layout!r}")
 
         # entries: (path, source class, sample id, patient id)
         if layout == "covidx":
             if self.split is None:
-                raise ValueError(f"{self.root}: the 'covidx' layout needs a split file (split=...)")
+                raise DataError(f"{self.root}: the 'covidx' layout needs a split file (split=...)")
             self.source_class_names = CLASS_NAMES
             entries = self._covidx_entries()
         elif layout == "classfirst":
@@ -264,13 +226,13 @@ class ClassificationFolderDataset(Dataset):
             entries = self._classfirst_entries()
         else:
             if self.split is not None:
-                raise ValueError(
+                raise DataError(
                     f"{self.root}: the 'class_folders' layout takes its samples from the folders and "
                     "does not use a split file; select patients with patients= or split_indices()"
                 )
             entries = self._folder_entries(class_names)
 
-        cmap, self.class_names = _resolve_class_map(class_map, self.source_class_names)
+        cmap, self.class_names = resolve_class_map(class_map, self.source_class_names)
         self.slice_class_names = self.class_names  # the name the training engine checks
         self.class_map = None if class_map is None else cmap
         wanted = _patient_set(patients)
@@ -285,7 +247,7 @@ class ClassificationFolderDataset(Dataset):
                 why.append(f"class_map {list(class_map)}")
             if wanted is not None:
                 why.append(f"patients ({len(wanted)} given)")
-            raise ValueError(
+            raise DataError(
                 f"{self.split or self.root}: no sample left out of {len(entries)}"
                 + (f" after {' and '.join(why)}" if why else "")
             )
@@ -296,20 +258,6 @@ class ClassificationFolderDataset(Dataset):
         self._reader = PillowReader()
 
     # -- discovery
-    def _split_lines(self) -> list[tuple[int, list[str]]]:
-        """(line number, tokens) of the split file's non-blank, non-comment lines."""
-        split = self.split
-        if not split.is_file():
-            raise FileNotFoundError(f"split file not found: {split}")
-        lines = []
-        for lineno, line in enumerate(split.read_text().splitlines(), start=1):
-            line = line.strip()
-            if line and not line.startswith("#"):
-                lines.append((lineno, line.split()))
-        if not lines:
-            raise ValueError(f"{split}: split file names no image")
-        return lines
-
     def _locate(self, named: list[tuple[int, str]]) -> list[Path]:
         """Image path per (line, name); every missing one reported in one error."""
         found, missing = [], []
@@ -334,7 +282,7 @@ class ClassificationFolderDataset(Dataset):
         for lineno, name in named:
             stem = path_stem(name)
             if stem in first:
-                raise ValueError(
+                raise DataError(
                     f"{self.split}:{lineno}: {name} is named again (first on line {first[stem]}); "
                     "each slice may appear once"
                 )
@@ -343,11 +291,11 @@ class ClassificationFolderDataset(Dataset):
     def _check_class(self, cls: int, where: str, name: str) -> None:
         if not 0 <= cls < len(self.source_class_names):
             known = ", ".join(f"{i} {n}" for i, n in enumerate(self.source_class_names))
-            raise ValueError(f"{where}: {name}: unknown class index {cls} (known: {known})")
+            raise DataError(f"{where}: {name}: unknown class index {cls} (known: {known})")
 
     def _covidx_entries(self) -> list[tuple[Path, int, str, str]]:
         named, classes = [], []
-        for lineno, tokens in self._split_lines():
+        for lineno, tokens in split_lines(self.split):
             where = f"{self.split}:{lineno}"
             malformed = ValueError(
                 f"{where}: expected '<filename> <class> [<xmin> <ymin> <xmax> <ymax>]', "
@@ -376,7 +324,7 @@ class ClassificationFolderDataset(Dataset):
             hint = ""
             if head in _CNCB_PREFIX.values():
                 hint = "; this looks like a COVIDx name: use the 'covidx' layout with the COVIDx split file"
-            raise ValueError(
+            raise DataError(
                 f"{where}: {name}: the 'classfirst' layout needs names '<class>_...' with an integer "
                 f"class first (e.g. 2_96_1328_0032.png){hint}"
             )
@@ -387,10 +335,10 @@ class ClassificationFolderDataset(Dataset):
     def _classfirst_entries(self) -> list[tuple[Path, int, str, str]]:
         if self.split is not None:
             named, classes = [], []
-            for lineno, tokens in self._split_lines():
+            for lineno, tokens in split_lines(self.split):
                 where = f"{self.split}:{lineno}"
                 if len(tokens) != 1:
-                    raise ValueError(f"{where}: expected one file name per line, got {' '.join(tokens)!r}")
+                    raise DataError(f"{where}: expected one file name per line, got {' '.join(tokens)!r}")
                 classes.append(self._classfirst_class(tokens[0], where))
                 named.append((lineno, tokens[0]))
             self._check_unique(named)
@@ -398,10 +346,10 @@ class ClassificationFolderDataset(Dataset):
         else:
             paths = sorted(
                 (f for f in self.root.iterdir() if f.is_file() and is_image(f)),
-                key=lambda p: _natural_key(p.name),
+                key=lambda p: natural_key(p.name),
             )
             if not paths:
-                raise ValueError(f"{self.root}: no image files ({'/'.join(IMAGE_SUFFIXES)})")
+                raise DataError(f"{self.root}: no image files ({'/'.join(IMAGE_SUFFIXES)})")
             classes = [self._classfirst_class(p.name, str(p)) for p in paths]
         return [
             (path, cls, path_stem(path), _classfirst_patient_id(path_stem(path), cls))
@@ -411,7 +359,7 @@ class ClassificationFolderDataset(Dataset):
     def _folder_entries(self, class_names: Sequence[str] | None) -> list[tuple[Path, int, str, str]]:
         folders = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
         if not folders:
-            raise ValueError(
+            raise DataError(
                 f"{self.root}: the 'class_folders' layout needs one subfolder per class; found none"
             )
         if class_names is None:
@@ -419,10 +367,10 @@ class ClassificationFolderDataset(Dataset):
         else:
             names = tuple(str(n) for n in class_names)
             if len(set(names)) != len(names):
-                raise ValueError(f"class_names {list(names)} repeats a name")
+                raise DataError(f"class_names {list(names)} repeats a name")
             unknown = [f for f in folders if f not in names]
             if unknown:
-                raise ValueError(
+                raise DataError(
                     f"{self.root}: subfolder(s) {unknown} are not among class_names {list(names)}; "
                     f"found subfolders {folders}"
                 )
@@ -433,11 +381,11 @@ class ClassificationFolderDataset(Dataset):
             if not folder.is_dir():
                 continue  # a class without examples here (e.g. a test set without CP)
             files = [f for f in folder.iterdir() if f.is_file() and is_image(f)]
-            for f in sorted(files, key=lambda p: _natural_key(p.name)):
+            for f in sorted(files, key=lambda p: natural_key(p.name)):
                 sid = f"{name}/{path_stem(f)}"
                 entries.append((f, cls, sid, sid))
         if not entries:
-            raise ValueError(
+            raise DataError(
                 f"{self.root}: class folders {folders} hold no image ({'/'.join(IMAGE_SUFFIXES)})"
             )
         return entries
@@ -472,7 +420,7 @@ def _ctmd_class(folder: Path) -> int:
     name = folder.name.lower()
     hits = [cls for key, cls in _CTMD_CLASS_KEYWORDS if key in name]
     if len(hits) != 1:
-        raise ValueError(
+        raise DataError(
             f"{folder}: cannot tell the COVID-CT-MD class from the folder name {folder.name!r}: it must "
             "contain exactly one of 'covid' (COVID-19), 'cap' (CAP) or 'normal' (e.g. 'COVID-19 Cases', "
             "'Cap subjects')"
@@ -558,14 +506,14 @@ class CovidCtMdDataset(Dataset):
         if not self.root.is_dir():
             raise FileNotFoundError(f"COVID-CT-MD root not found: {self.root}")
         if slice_labels not in _CTMD_LABEL_FILES:
-            raise ValueError(f"slice_labels must be one of {list(_CTMD_LABEL_FILES)}, got {slice_labels!r}")
+            raise DataError(f"slice_labels must be one of {list(_CTMD_LABEL_FILES)}, got {slice_labels!r}")
         if size is not None and (not isinstance(size, int) or size < 1):
-            raise ValueError(f"size must be a positive integer, got {size!r}")
+            raise DataError(f"size must be a positive integer, got {size!r}")
         self._window = resolve_window(window, "HU", str(self.root))  # fail early, e.g. on as_stored
         self.window, self.size = window, size
         self.slice_labels, self.exclude_uninfected = slice_labels, exclude_uninfected
         self.source_class_names = CLASS_NAMES
-        cmap, self.class_names = _resolve_class_map(class_map, CLASS_NAMES)
+        cmap, self.class_names = resolve_class_map(class_map, CLASS_NAMES)
         self.slice_class_names = self.class_names  # the name the training engine checks
         self.class_map = None if class_map is None else cmap
 
@@ -584,19 +532,19 @@ class CovidCtMdDataset(Dataset):
         for pid, (folder, cls) in found.items():
             if cmap[cls] < 0:
                 continue
-            n = _count_slices(folder)
+            n = count_slices(folder)
             infected: list[int | None]
             if cls == 0:
                 infected = [0] * n
             elif pid in labelled:
                 row = labelled[pid]
                 if n > row.size:
-                    raise ValueError(
+                    raise DataError(
                         f"{folder}: {n} DICOM slices, but the {slice_labels} slice labels have only "
                         f"{row.size} columns"
                     )
                 if row[n:].any():
-                    raise ValueError(
+                    raise DataError(
                         f"{folder}: {n} DICOM slices, but the {slice_labels} slice labels mark slice "
                         f"{int(np.nonzero(row)[0][-1])} as infected: this folder does not hold the slices "
                         "that were labelled"
@@ -619,7 +567,7 @@ class CovidCtMdDataset(Dataset):
                 f"(meta['infected'] is None): {_listing(self.unlabelled_patients)}", stacklevel=2,
             )
         if not index:
-            raise ValueError(f"{self.root}: no slice left (patients={sorted(wanted) if wanted else None}, "
+            raise DataError(f"{self.root}: no slice left (patients={sorted(wanted) if wanted else None}, "
                              f"class_map={class_map}, exclude_uninfected={exclude_uninfected})")
         self._index = index
         self.labels: list[int] = labels
@@ -634,24 +582,24 @@ class CovidCtMdDataset(Dataset):
         found: dict[str, tuple[Path, int]] = {}
         # followlinks: data trees are often assembled from symlinked patient folders.
         for dirpath, dirnames, _ in os.walk(self.root, followlinks=True):
-            dirnames[:] = sorted((d for d in dirnames if not d.startswith(".")), key=_natural_key)
+            dirnames[:] = sorted((d for d in dirnames if not d.startswith(".")), key=natural_key)
             folder = Path(dirpath)
-            if folder == self.root or not _folder_has_dicom(folder):
+            if folder == self.root or not folder_has_dicom(folder):
                 continue
             dirnames[:] = []  # a patient folder: do not look further down
             if folder.parent == self.root:
-                raise ValueError(
+                raise DataError(
                     f"{folder}: patient folder directly under the root; COVID-CT-MD keeps patients in "
                     "class folders ('COVID-19 Cases/P001', 'Normal subjects/normal001', ...)"
                 )
             cls = _ctmd_class(folder.parent)
             if folder.name in found:
-                raise ValueError(
+                raise DataError(
                     f"two patient folders are named {folder.name!r}: {found[folder.name][0]} and {folder}"
                 )
             found[folder.name] = (folder, cls)
         if not found:
-            raise ValueError(f"{self.root}: no folder holding DICOM files (patient series) found")
+            raise DataError(f"{self.root}: no folder holding DICOM files (patient series) found")
         return found
 
     def _read_labels(self, found: dict[str, tuple[Path, int]]) -> dict[str, np.ndarray]:
@@ -667,29 +615,29 @@ class CovidCtMdDataset(Dataset):
         try:
             array = np.load(labels_path)
         except Exception as exc:  # ValueError/OSError/pickle errors all mean unreadable
-            raise ValueError(f"{labels_path}: not a readable .npy array ({exc})") from None
+            raise DataError(f"{labels_path}: not a readable .npy array ({exc})") from None
         if array.ndim != 2:
-            raise ValueError(f"{labels_path}: expected a [patients, slices] array, got shape {array.shape}")
+            raise DataError(f"{labels_path}: expected a [patients, slices] array, got shape {array.shape}")
         rows: dict[str, np.ndarray] = {}
         with index_path.open(newline="") as fh:
             reader = csv.DictReader(fh)
             need = {"Label Index", "Diagnosis", "Folder/ID"}
             if not need <= set(reader.fieldnames or ()):
-                raise ValueError(f"{index_path}: needs the columns {sorted(need)}, found {reader.fieldnames}")
+                raise DataError(f"{index_path}: needs the columns {sorted(need)}, found {reader.fieldnames}")
             for lineno, rec in enumerate(reader, start=2):
                 where = f"{index_path}:{lineno}"
                 pid = (rec["Folder/ID"] or "").strip()
                 try:
                     label_index = int(rec["Label Index"])
                 except (TypeError, ValueError):
-                    raise ValueError(
+                    raise DataError(
                         f"{where}: Label Index {rec['Label Index']!r} is not an integer"
                     ) from None
                 if pid in rows:
-                    raise ValueError(f"{where}: patient {pid!r} is listed twice")
+                    raise DataError(f"{where}: patient {pid!r} is listed twice")
                 row = ctmd_label_row(label_index)
                 if not 0 <= row < array.shape[0]:
-                    raise ValueError(
+                    raise DataError(
                         f"{where}: Label Index {label_index} -> row {row}, outside {labels_path.name}'s "
                         f"{array.shape[0]} rows"
                     )
@@ -698,7 +646,7 @@ class CovidCtMdDataset(Dataset):
                     diagnosis = _CTMD_DIAGNOSIS.get((rec["Diagnosis"] or "").strip().lower())
                     folder, cls = found[pid]
                     if diagnosis is not None and diagnosis != cls:
-                        raise ValueError(
+                        raise DataError(
                             f"{where}: {pid} has diagnosis {rec['Diagnosis']!r} but its folder "
                             f"{folder.parent.name!r} says {CLASS_NAMES[cls]}"
                         )
@@ -718,7 +666,7 @@ class CovidCtMdDataset(Dataset):
             volume = read_volume(self.patient_folders[patient])
             if volume.num_slices != self._num_slices[patient]:
                 # Labels are matched by slice rank: a different count would shift them.
-                raise ValueError(
+                raise DataError(
                     f"{volume.source}: {volume.num_slices} slices read, but {self._num_slices[patient]} "
                     "DICOM files were counted (unreadable files skipped?); slice labels would be misaligned"
                 )
@@ -752,13 +700,13 @@ DEFAULT_FRACTIONS = (("train", 0.7), ("val", 0.15), ("test", 0.15))
 def _fraction_items(fractions) -> list[tuple[str, float]]:
     items = list(fractions.items()) if isinstance(fractions, Mapping) else [tuple(f) for f in fractions]
     if not items or any(len(item) != 2 for item in items):
-        raise ValueError(f"fractions must be (name, fraction) pairs or a mapping, got {fractions!r}")
+        raise DataError(f"fractions must be (name, fraction) pairs or a mapping, got {fractions!r}")
     names = [str(name) for name, _ in items]
     values = [float(v) for _, v in items]
     if len(set(names)) != len(names):
-        raise ValueError(f"fractions name a split twice: {names}")
+        raise DataError(f"fractions name a split twice: {names}")
     if any(not math.isfinite(v) or v < 0 for v in values) or not math.isclose(sum(values), 1.0, abs_tol=1e-6):
-        raise ValueError(f"fractions must be >= 0 and sum to 1, got {dict(zip(names, values))}")
+        raise DataError(f"fractions must be >= 0 and sum to 1, got {dict(zip(names, values))}")
     return list(zip(names, values))
 
 
@@ -785,9 +733,9 @@ def patient_labels(patient_ids: Sequence[str], labels: Sequence[int]) -> dict[st
     ids = [str(p) for p in patient_ids]
     labels = list(labels)
     if len(labels) != len(ids):
-        raise ValueError(f"{len(labels)} labels for {len(ids)} patient ids; give one label per slice")
+        raise DataError(f"{len(labels)} labels for {len(ids)} patient ids; give one label per slice")
     if any(lab is None for lab in labels):
-        raise ValueError("labels contain None; give a class index per slice (or labels=None)")
+        raise DataError("labels contain None; give a class index per slice (or labels=None)")
     per_patient: dict[str, Counter] = {}
     for pid, lab in zip(ids, labels):
         per_patient.setdefault(pid, Counter())[int(lab)] += 1
@@ -832,11 +780,11 @@ def patient_split(
     else:
         patient_class = {pid: 0 for pid in ids}
     if not patient_class:
-        raise ValueError("patient_split: no patient ids given")
+        raise DataError("patient_split: no patient ids given")
 
     rng = np.random.default_rng(seed)
     groups: dict[int, list[str]] = {}
-    for pid in sorted(patient_class, key=_natural_key):
+    for pid in sorted(patient_class, key=natural_key):
         groups.setdefault(patient_class[pid], []).append(pid)
     keyed = []
     for c in sorted(groups):
@@ -856,7 +804,7 @@ def patient_split(
         )
     result, start = {}, 0
     for (name, _), k in zip(items, counts):
-        result[name] = sorted(ordered[start : start + k], key=_natural_key)
+        result[name] = sorted(ordered[start : start + k], key=natural_key)
         start += k
     return result
 

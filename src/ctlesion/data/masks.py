@@ -15,6 +15,7 @@ import torch
 from skimage.measure import label as cc_label
 from skimage.measure import regionprops
 
+from ..errors import DataError
 from .sample import empty_target
 
 __all__ = [
@@ -56,7 +57,7 @@ def get_mask_type(name: str) -> MaskType:
     try:
         return MASK_TYPES[name]
     except KeyError:
-        raise ValueError(f"unknown mask type {name!r}; choose one of {sorted(MASK_TYPES)}") from None
+        raise DataError(f"unknown mask type {name!r}; choose one of {sorted(MASK_TYPES)}") from None
 
 
 def extract_instances(
@@ -74,11 +75,11 @@ def extract_instances(
     mt = get_mask_type(mask_type) if isinstance(mask_type, str) else mask_type
     codes = np.asarray(codes)
     if codes.ndim != 2:
-        raise ValueError(f"label map must be 2-D, got shape {codes.shape}")
+        raise DataError(f"label map must be 2-D, got shape {codes.shape}")
     present = np.unique(codes)
     unknown = [int(v) for v in present if int(v) not in (BACKGROUND, LUNG, GGO, CONSOLIDATION)]
     if unknown:
-        raise ValueError(f"label map has values {unknown} outside the canonical codes 0..3")
+        raise DataError(f"label map has values {unknown} outside the canonical codes 0..3")
     class_map = np.zeros(codes.shape, dtype=np.int64)
     for code, cls in mt.code_to_class.items():
         class_map[codes == code] = cls

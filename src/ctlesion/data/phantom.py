@@ -38,9 +38,10 @@ import torch
 from scipy import ndimage as ndi
 from torch.utils.data import Dataset
 
+from ..errors import DataError
 from .masks import CONSOLIDATION, GGO, LUNG, MaskType, extract_instances, get_mask_type
-from .windowing import apply_window, resolve_window
 from .sample import Sample
+from .windowing import apply_window, resolve_window
 
 __all__ = ["SLICE_CLASSES", "PhantomSlice", "make_phantom", "PhantomDataset"]
 
@@ -96,7 +97,7 @@ def _canonical_class(slice_class: str) -> str:
     try:
         return _CLASS_ALIASES[str(slice_class).lower()]
     except KeyError:
-        raise ValueError(
+        raise DataError(
             f"unknown slice class {slice_class!r}; choose one of {SLICE_CLASSES}"
         ) from None
 
@@ -419,7 +420,7 @@ def make_phantom(size: int, slice_class: str, seed: int) -> PhantomSlice:
     slice_class = _canonical_class(slice_class)
     size = int(size)
     if size < 32:
-        raise ValueError(f"phantom size must be at least 32 px, got {size}")
+        raise DataError(f"phantom size must be at least 32 px, got {size}")
     rng = np.random.default_rng(seed)
     hu, lungs, geometry = _anatomy(rng, size)
     plan = _lesion_plan(rng, slice_class)
@@ -459,9 +460,9 @@ class PhantomDataset(Dataset):
         window: str = "lung",
     ) -> None:
         if num_samples < 0:
-            raise ValueError("num_samples must be >= 0")
+            raise DataError("num_samples must be >= 0")
         if not classes:
-            raise ValueError("classes must not be empty")
+            raise DataError("classes must not be empty")
         self.num_samples = int(num_samples)
         self.size = int(size)
         self.seed = int(seed)

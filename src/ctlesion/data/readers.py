@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import DataError
 from .masks import BACKGROUND, CONSOLIDATION, extract_instances
 from .sample import Sample, empty_target
 from .windowing import apply_window, describe_window, resolve_window
@@ -68,13 +69,13 @@ class Volume:
 
     def __post_init__(self) -> None:
         if self.array.ndim != 3:
-            raise ValueError(f"{self.source}: volume array must be [S, H, W], got shape {self.array.shape}")
+            raise DataError(f"{self.source}: volume array must be [S, H, W], got shape {self.array.shape}")
         if len(self.slice_sources) != self.array.shape[0]:
-            raise ValueError(
+            raise DataError(
                 f"{self.source}: {len(self.slice_sources)} slice sources for {self.array.shape[0]} slices"
             )
         if self.labels is not None and self.labels.shape != self.array.shape:
-            raise ValueError(
+            raise DataError(
                 f"{self.source}: labels shape {self.labels.shape} differs from image shape {self.array.shape}"
             )
 
@@ -161,7 +162,7 @@ class PillowReader(ImageReader):
             with Image.open(path) as img:
                 mode = img.mode
                 if mode not in _PILLOW_8BIT_MODES:
-                    raise ValueError(
+                    raise DataError(
                         f"{path}: PIL mode {mode!r} is a 16-bit or float image whose intensity units "
                         "are unknown (HU? HU+1024? raw?); refusing to rescale it. Save CT volumes as "
                         "DICOM or NIfTI (read in HU), or as 8-bit windowed PNG/JPG"
@@ -169,7 +170,7 @@ class PillowReader(ImageReader):
                 grey = img.convert("L") if mode != "L" else img
                 array = np.array(grey, dtype=np.uint8)
         except (UnidentifiedImageError, OSError) as exc:
-            raise ValueError(f"{path}: not a readable image ({exc})") from None
+            raise DataError(f"{path}: not a readable image ({exc})") from None
         return Volume(
             array=array[None],
             units="stored",
@@ -245,7 +246,7 @@ class DicomReader(ImageReader):
             hint = ""
             if any(is_image(f) or is_nifti(f) for f in folder.iterdir()):
                 hint = "; it holds images/NIfTI files: read them one by one (VolumeDataset does)"
-            raise ValueError(f"{folder}: folder holds no DICOM file (checked for the DICM preamble){hint}")
+            raise DataError(f"{folder}: folder holds no DICOM file (checked for the DICM preamble){hint}")
         return files
 
     def _load(self, files: list[Path], skip_bad: bool) -> list[tuple[Path, object]]:
@@ -257,12 +258,12 @@ class DicomReader(ImageReader):
                 loaded.append((f, pydicom.dcmread(f)))
             except Exception as exc:  # InvalidDicomError, EOFError, struct.error... all mean unreadable
                 if not skip_bad:
-                    raise ValueError(f"{f}: not a readable DICOM file ({exc})") from None
+                    raise DataError(f"{f}: not a readable DICOM file ({exc})") from None
                 bad.append(f"{f.name} ({exc})")
         if bad:
             warnings.warn(f"skipping {len(bad)} unreadable DICOM file(s): {'; '.join(bad[:5])}", stacklevel=3)
         if not loaded:
-            raise ValueError(f"{files[0].parent}: no readable DICOM file")
+            raise DataError(f"{files[0].parent}: no readable DICOM file")
         return loaded
 
     def _check_modality(self, loaded) -> str:
@@ -272,7 +273,7 @@ class DicomReader(ImageReader):
             modalities.add(modality)
             if modality != "CT" and not self.allow_non_ct:
                 what = f"modality {modality!r}" if modality else "no Modality tag (0008,0060)"
-                raise ValueError(
+                raise DataError(
                     f"{f}: {what}, but CT is required (HU windows and the models assume CT); "
                     "pass allow_non_ct=True to read it anyway"
                 )
@@ -315,7 +316,7 @@ class DicomReader(ImageReader):
 
         series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in loaded}
         if len(series) > 1:
-            raise ValueError(
+            raise DataError(
                 f"{path}: folder mixes {len(series)} series ({', '.join(sorted(series)[:4])}); "
                 "put each series in its own folder"
             )
@@ -323,7 +324,7 @@ class DicomReader(ImageReader):
         positions, sort_key = self._positions(loaded)
         if len(loaded) > 1:
             if positions is None:
-                raise ValueError(
+                raise DataError(
                     f"{path}: slices carry neither ImagePositionPatient, SliceLocation nor "
                     "InstanceNumber, so their order cannot be known"
                 )
@@ -338,7 +339,7 @@ class DicomReader(ImageReader):
         for f, ds in loaded[1:]:
             shape = (int(ds.get("Rows", 0)), int(ds.get("Columns", 0)))
             if shape != ref_shape:
-                raise ValueError(
+                raise DataError(
                     f"{f}: slice is {shape[0]}x{shape[1]} but {ref_file.name} is "
                     f"{ref_shape[0]}x{ref_shape[1]}; one series must have one slice size"
                 )
@@ -373,7 +374,7 @@ class DicomReader(ImageReader):
         for f, ds in loaded:
             stored = self._pixels(f, ds)
             if stored.ndim == 3 and len(loaded) > 1:
-                raise ValueError(f"{f}: multi-frame file inside a series folder is not supported")
+                raise DataError(f"{f}: multi-frame file inside a series folder is not supported")
             slope = _ds_float(ds, "RescaleSlope", 1.0)
             intercept = _ds_float(ds, "RescaleIntercept", 0.0)
             hu = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
@@ -413,14 +414,14 @@ class DicomReader(ImageReader):
     @staticmethod
     def _pixels(f: Path, ds) -> np.ndarray:
         if "PixelData" not in ds:
-            raise ValueError(f"{f}: DICOM file has no pixel data")
+            raise DataError(f"{f}: DICOM file has no pixel data")
         try:
             return np.asarray(ds.pixel_array)
         except Exception as exc:  # decoder plugins raise assorted types
             ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
             ts_name = getattr(ts, "name", str(ts))
             detail = " ".join(str(exc).split())
-            raise ValueError(
+            raise DataError(
                 f"{f}: cannot decode pixel data (transfer syntax {ts_name}): {detail}. Compressed "
                 "DICOM such as JPEG Lossless needs the decoders: pip install pylibjpeg "
                 "pylibjpeg-libjpeg (or python-gdcm); if they are installed, the pixel data is corrupt"
@@ -462,13 +463,13 @@ class NiftiReader(ImageReader):
             img = nib.load(str(path))
             data = np.asarray(img.get_fdata(dtype=np.float32))
         except Exception as exc:  # nibabel raises ImageFileError, EOFError, zlib errors...
-            raise ValueError(f"{path}: not a readable NIfTI file ({exc})") from None
+            raise DataError(f"{path}: not a readable NIfTI file ({exc})") from None
         if data.ndim == 4 and data.shape[3] == 1:
             data = data[..., 0]
         if data.ndim == 2:
             data = data[..., None]
         if data.ndim != 3:
-            raise ValueError(f"{path}: expected a 2-D or 3-D NIfTI {what}, got shape {data.shape}")
+            raise DataError(f"{path}: expected a 2-D or 3-D NIfTI {what}, got shape {data.shape}")
         return np.ascontiguousarray(data.transpose(2, 1, 0)), img
 
     def read(self, path: str | Path) -> Volume:
@@ -477,7 +478,7 @@ class NiftiReader(ImageReader):
         path = Path(path)
         array, img = self._load(path, "image")
         if not np.isfinite(array).all():
-            raise ValueError(f"{path}: image holds NaN or infinite values")
+            raise DataError(f"{path}: image holds NaN or infinite values")
         zooms = tuple(float(z) for z in img.header.get_zooms()[:3]) + (1.0, 1.0, 1.0)
         spacing = (zooms[1], zooms[0])
         labels = None
@@ -485,14 +486,14 @@ class NiftiReader(ImageReader):
             label_path = Path(self.labels)
             raw, _ = self._load(label_path, "label volume")
             if raw.shape != array.shape:
-                raise ValueError(
+                raise DataError(
                     f"label volume {label_path} has shape {raw.shape[::-1]} (X,Y,Z) but image "
                     f"{path} has {array.shape[::-1]}; they must share one voxel grid"
                 )
             values = np.unique(raw)
             bad = [f"{v:g}" for v in values if v != round(v) or not BACKGROUND <= v <= CONSOLIDATION]
             if bad:
-                raise ValueError(
+                raise DataError(
                     f"label volume {label_path} (for image {path}) has values [{', '.join(bad[:10])}] "
                     "outside the canonical codes 0 bg / 1 lung / 2 GGO / 3 consolidation"
                 )
@@ -526,14 +527,14 @@ def _pick_reader(path: Path, **kw) -> ImageReader:
     elif is_image(path):
         cls = PillowReader
     else:
-        raise ValueError(
+        raise DataError(
             f"{path}: cannot tell the format: not a folder, not DICOM (no DICM preamble), and the "
             f"suffix is none of {', '.join(NIFTI_SUFFIXES + IMAGE_SUFFIXES + ('.dcm',))}"
         )
     try:
         return cls(**kw)
     except TypeError:
-        raise ValueError(
+        raise DataError(
             f"{path}: option(s) {sorted(kw)} do not apply to {cls.__name__}"
         ) from None
 
@@ -557,7 +558,7 @@ def read_volume(path: str | Path, reader: ImageReader | None = None, **kw) -> Vo
     if reader is None:
         reader = _pick_reader(path, **kw)
     elif kw:
-        raise ValueError(f"{path}: pass options to the reader's constructor, not with reader= ({sorted(kw)})")
+        raise DataError(f"{path}: pass options to the reader's constructor, not with reader= ({sorted(kw)})")
     return reader.read(path)
 
 
@@ -606,9 +607,9 @@ def make_sample(
             scaled to stay physical.
     """
     if pixels.ndim != 2:
-        raise ValueError(f"{source}: slice must be 2-D, got shape {pixels.shape}")
+        raise DataError(f"{source}: slice must be 2-D, got shape {pixels.shape}")
     if size is not None and (not isinstance(size, int) or size < 1):
-        raise ValueError(f"size must be a positive integer, got {size!r}")
+        raise DataError(f"size must be a positive integer, got {size!r}")
     image = apply_window(pixels, window, units, source)
     height, width = image.shape
     if size is not None and (height, width) != (size, size):

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import DataError
+
 __all__ = ["WINDOWS", "UNITS", "resolve_window", "apply_window", "describe_window"]
 
 #: Named windows as ``(width, level)`` in HU.
@@ -33,7 +35,7 @@ _PRESETS = sorted([*WINDOWS, "as_stored", "auto"])
 
 def _check_units(units: str, source: str) -> None:
     if units not in UNITS:
-        raise ValueError(f"{source}: unknown intensity units {units!r}; expected one of {list(UNITS)}")
+        raise DataError(f"{source}: unknown intensity units {units!r}; expected one of {list(UNITS)}")
 
 
 def resolve_window(spec: str, units: str, source: str = "<input>") -> str | tuple[float, float]:
@@ -55,13 +57,13 @@ def resolve_window(spec: str, units: str, source: str = "<input>") -> str | tupl
     """
     _check_units(units, source)
     if not isinstance(spec, str):
-        raise ValueError(f"{source}: window must be a string, got {spec!r}")
+        raise DataError(f"{source}: window must be a string, got {spec!r}")
     name = spec.strip()
     if name == "auto":
         return "as_stored" if units == "stored" else WINDOWS["lung"]
     if name == "as_stored":
         if units != "stored":
-            raise ValueError(
+            raise DataError(
                 f"{source}: window 'as_stored' needs 8-bit stored data, but this input is in "
                 f"Hounsfield units; pick an HU window ({', '.join(sorted(WINDOWS))} or 'W:L') or 'auto'"
             )
@@ -72,18 +74,18 @@ def resolve_window(spec: str, units: str, source: str = "<input>") -> str | tupl
         try:
             width, level = (float(part) for part in name.split(":"))
         except ValueError:
-            raise ValueError(
+            raise DataError(
                 f"{source}: window {spec!r} is not of the form 'W:L' (width:level in HU, e.g. '400:40')"
             ) from None
         if not np.isfinite(width) or not np.isfinite(level) or width <= 0:
-            raise ValueError(f"{source}: window {spec!r} needs a finite width > 0 and a finite level")
+            raise DataError(f"{source}: window {spec!r} needs a finite width > 0 and a finite level")
         window = (width, level)
     else:
-        raise ValueError(
+        raise DataError(
             f"{source}: unknown window {spec!r}; choose one of {_PRESETS} or 'W:L' in HU (e.g. '400:40')"
         )
     if units != "HU":
-        raise ValueError(
+        raise DataError(
             f"{source}: window {spec!r} is in Hounsfield units, but this input holds 8-bit values "
             "that were already windowed when the image was saved (HU are lost); use 'as_stored' or 'auto'"
         )
@@ -119,13 +121,13 @@ def apply_window(array: np.ndarray, window: str, units: str, source: str = "<inp
     if isinstance(window, tuple):
         _check_units(units, source)
         if units != "HU":
-            raise ValueError(f"{source}: an HU window {window} cannot be applied to 8-bit stored data")
+            raise DataError(f"{source}: an HU window {window} cannot be applied to 8-bit stored data")
         resolved: str | tuple[float, float] = (float(window[0]), float(window[1]))
     else:
         resolved = resolve_window(window, units, source)
     x = np.asarray(array, dtype=np.float32)
     if x.size and not np.isfinite(x).all():
-        raise ValueError(f"{source}: image holds NaN or infinite values")
+        raise DataError(f"{source}: image holds NaN or infinite values")
     if resolved == "as_stored":
         out = x / np.float32(255.0)
     else:

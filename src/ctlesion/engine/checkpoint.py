@@ -29,20 +29,19 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import __version__
-from ..config import ExperimentConfig, experiment_from_dict, save_config
-from .io import atomic_write_text, sha256_file
+from ..config import ExperimentConfig
+from ..errors import CheckpointError
+from ..experiment import experiment_from_dict
+from ..registry import create_model, get_entry
+from .io import atomic_write_text, save_config, sha256_file
 
 __all__ = [
-    "CheckpointError", "save_checkpoint", "load_checkpoint", "load_model", "load_train_state",
+    "CheckpointError", "save_checkpoint", "load_checkpoint", "load_model", "load_train_state", "read_meta",
     "CheckpointMeta", "FORMAT_VERSION",
 ]
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, STATE, META = "model.safetensors", "config.yaml", "train_state.pt", "meta.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint folder that is missing, incomplete or corrupted; the message says which."""
 
 
 @dataclass
@@ -63,12 +62,16 @@ def _state_dict_for_safetensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(
     path: str | Path, model: nn.Module, config: ExperimentConfig, *, epoch: int, step: int,
-    train_state: dict[str, Any] | None = None, task: str = "segmentation", source: dict[str, Any] | None = None,
+    train_state: dict[str, Any] | None = None, task: str | None = None, source: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint folder at ``path`` atomically (replacing any previous one).
 
+    ``task`` (``segmentation``, ``classification``, ``joint``) defaults to the registry's
+    for ``config.model.name``.
+
     ``source`` (converted checkpoints) is recorded in ``meta.json``: the original file's
     name, SHA-256 and format."""
+    task = task or get_entry(config.model.name).task
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{time.time_ns()}"
@@ -106,7 +109,8 @@ def save_checkpoint(
     return path
 
 
-def _read_meta(path: Path, verify: bool = True) -> dict:
+def read_meta(path: Path, verify: bool = True) -> dict:
+    """``meta.json`` of checkpoint folder ``path``, each file checked against its SHA-256."""
     if not path.is_dir():
         hint = ""
         olds = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.is_dir() else []
@@ -137,10 +141,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
     Nothing is unpickled: weights come from safetensors, the config from YAML.
     """
-    from ..registry import create_model
-
     path = Path(path)
-    meta = _read_meta(path)
+    meta = read_meta(path)
     cfg = experiment_from_dict(yaml.safe_load((path / CONFIG).read_text()))
     model = create_model(cfg.model)
     state = load_file(str(path / WEIGHTS), device=str(map_location))
@@ -160,7 +162,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn
 def load_train_state(path: str | Path) -> dict[str, Any]:
     """The resume state (optimizer, epoch, RNG); ``weights_only=True``, verified by hash."""
     path = Path(path)
-    meta = _read_meta(path)
+    meta = read_meta(path)
     if STATE not in meta["files"]:
         raise CheckpointError(f"{path}: holds weights only (no {STATE}); it cannot be resumed")
     return torch.load(path / STATE, map_location="cpu", weights_only=True)

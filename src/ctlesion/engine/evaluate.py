@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -12,6 +11,8 @@ from tqdm.auto import tqdm
 
 from ..config import EvalConfig
 from ..data.sample import Sample, collate_samples
+from ..errors import DataError
+from ..metrics import coco_map, legacy_map
 from ..models.maskrcnn import set_detection_settings
 
 __all__ = ["run_detector", "compact_prediction", "evaluate_segmentation"]
@@ -53,7 +54,6 @@ def evaluate_segmentation(
     which the legacy numbers depend on) and ``num_images``. ``kept`` holds the first
     ``keep`` ``(sample, prediction)`` pairs, for overlays.
     """
-    from ..metrics import coco_map, legacy_map
 
     set_detection_settings(model, eval_cfg.score_thresh, eval_cfg.nms_thresh, eval_cfg.detections_per_img)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_samples,
@@ -61,7 +61,7 @@ def evaluate_segmentation(
     predictions, targets, kept = [], [], []
     for sample, pred in run_detector(model, loader, device, eval_cfg.mask_thresh, progress, len(loader)):
         if sample.target is None:
-            raise ValueError(f"{sample.source}: evaluation needs labelled data (no mask for {sample.sample_id})")
+            raise DataError(f"{sample.source}: evaluation needs labelled data (no mask for {sample.sample_id})")
         predictions.append(pred)
         targets.append(sample.target)
         if len(kept) < keep:
@@ -74,21 +74,3 @@ def evaluate_segmentation(
         "num_negative_images": sum(int(len(t["boxes"]) == 0) for t in targets),
     }
     return metrics, kept
-
-
-def write_json(path: str | Path, data: dict) -> None:
-    import json
-    import math
-
-    from .io import atomic_write_text
-
-    def clean(obj):
-        if isinstance(obj, float) and not math.isfinite(obj):
-            return None  # JSON has no NaN; null means "undefined" (e.g. COCO AP without positives)
-        if isinstance(obj, dict):
-            return {k: clean(v) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return [clean(v) for v in obj]
-        return obj
-
-    atomic_write_text(path, json.dumps(clean(data), indent=2) + "\n")

@@ -11,6 +11,11 @@ from tqdm.auto import tqdm
 
 from ..config import EvalConfig
 from ..data.sample import Sample, collate_samples
+from ..errors import DataError
+from ..metrics import classification_report
+from ..viz import plot_confusion_matrix
+from .io import atomic_write_text, write_json
+from .labels import check_dataset_classes, slice_labels
 
 __all__ = ["run_classifier", "evaluate_classifier", "slice_record", "write_classification_outputs"]
 
@@ -48,14 +53,12 @@ def run_classifier(
     and the model's modes are restored afterwards.
     """
     model.to(device)
-    if hasattr(model, "padding_generator"):
-        model.padding_generator = torch.Generator().manual_seed(seed)
+    model.padding_generator = torch.Generator().manual_seed(seed)
     try:
         with model.inference(cls_bn):
             for batch in tqdm(batches, disable=not progress, total=total, desc="classify", unit="batch",
                               dynamic_ncols=True):
-                kwargs = {"with_detections": True} if with_detections and hasattr(model, "detector") else {}
-                out = model([s.image.to(device) for s in batch], **kwargs)
+                out = model([s.image.to(device) for s in batch], with_detections=with_detections)
                 probs = torch.softmax(out.logits.float(), dim=1).cpu()
                 for i, sample in enumerate(batch):
                     rois = None if out.rois is None else {k: (v.cpu() if torch.is_tensor(v) else v)
@@ -63,8 +66,7 @@ def run_classifier(
                     det = None if out.detections is None else out.detections[i]
                     yield sample, probs[i], rois, det
     finally:
-        if hasattr(model, "padding_generator"):
-            model.padding_generator = None
+        model.padding_generator = None
 
 
 def evaluate_classifier(
@@ -77,11 +79,9 @@ def evaluate_classifier(
     ``eval_cfg.f1_weights``, default the test shares), plus ``f1_weighted_paper`` (the
     papers' fixed 0.45/0.35/0.20) when there are three classes, and ``settings``.
     """
-    from ..metrics import classification_report
 
-    from .train_classifier import check_class_names, slice_labels
 
-    check_class_names(dataset, model, "the evaluation data")
+    check_dataset_classes(dataset, model, "the evaluation data")
     eval_cfg = eval_cfg or EvalConfig()
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_samples, generator=torch.Generator())
     names = list(model.class_names)
@@ -95,7 +95,7 @@ def evaluate_classifier(
         y_pred.append(rec["predicted"])
         scores.append(probs.tolist())
     if not records:
-        raise ValueError("the evaluation dataset is empty")
+        raise DataError("the evaluation dataset is empty")
     metrics = classification_report(y_true, y_pred, names, class_weights=eval_cfg.f1_weights, scores=scores)
     if len(names) == 3:
         metrics["f1_weighted_paper"] = classification_report(y_true, y_pred, names, class_weights="paper")["f1_weighted"]
@@ -109,9 +109,6 @@ def write_classification_outputs(out_dir, metrics: dict, records: list[dict], ti
     import json
     from pathlib import Path
 
-    from ..viz import plot_confusion_matrix
-    from .evaluate import write_json
-    from .io import atomic_write_text
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "sha256_file"]
+from ..config import to_dict
+
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "sha256_file", "write_json", "save_config"]
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -50,3 +52,28 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Write ``data`` as indented JSON, atomically; NaN/inf become ``null`` (undefined)."""
+    import json
+    import math
+
+    def clean(obj):
+        if isinstance(obj, float) and not math.isfinite(obj):
+            return None  # JSON has no NaN; null means "undefined" (e.g. COCO AP without positives)
+        if isinstance(obj, dict):
+            return {k: clean(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [clean(v) for v in obj]
+        return obj
+
+    atomic_write_text(path, json.dumps(clean(data), indent=2) + "\n")
+
+
+def save_config(cfg, path: str | Path) -> None:
+    """Write a resolved config dataclass as YAML (atomically)."""
+    import yaml
+
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from ..data.sample import Sample, collate_samples
 from ..models.maskrcnn import set_detection_settings
+from ..viz import save_overlay
 from .evaluate import run_detector
 
 __all__ = ["PredictSummary", "prediction_record", "predict_inputs", "safe_filename"]
@@ -65,7 +66,6 @@ def predict_inputs(
     ``overlays``: ``all`` slices, only slices ``lesions`` were found on, or ``none``.
     ``score_thresh`` overrides the checkpoint's detection threshold.
     """
-    from ..viz import save_overlay
 
     if overlays not in ("all", "lesions", "none"):
         raise ValueError(f"overlays must be all, lesions or none, not {overlays!r}")

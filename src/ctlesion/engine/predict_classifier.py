@@ -24,8 +24,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data.sample import collate_samples
+from ..metrics import patient_verdict
+from ..models.maskrcnn import set_detection_settings
+from ..viz import draw_overlay, draw_roi_weights
 from .evaluate import compact_prediction
 from .evaluate_classifier import run_classifier, slice_record
+from .io import write_json
 from .predict import prediction_record, safe_filename
 
 __all__ = ["ClassifyPredictSummary", "predict_classification"]
@@ -52,9 +56,6 @@ def predict_classification(
     or with lesions), or ``none``. ``score_thresh`` overrides the detector's threshold for
     the lesions listed and drawn.
     """
-    from ..metrics import patient_verdict
-    from ..models.maskrcnn import set_detection_settings
-    from ..viz import draw_overlay, draw_roi_weights
 
     if overlays not in ("all", "abnormal", "none"):
         raise ValueError(f"overlays must be all, abnormal or none, not {overlays!r}")
@@ -109,7 +110,6 @@ def predict_classification(
                                   min_abnormal_fraction=min_abnormal_fraction)
         patients[source] = verdict
     patients_path = out_dir / "patients.json"
-    from .evaluate import write_json
 
     write_json(patients_path, {"method": method, "min_abnormal_fraction": min_abnormal_fraction,
                                "volumes": patients})

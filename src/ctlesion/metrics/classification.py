@@ -54,6 +54,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from ..errors import ConfigError
+from .arrays import as_numpy
 
 __all__ = ["classification_report", "format_report", "PAPER_F1_WEIGHTS"]
 
@@ -61,16 +63,9 @@ __all__ = ["classification_report", "format_report", "PAPER_F1_WEIGHTS"]
 PAPER_F1_WEIGHTS: tuple[float, float, float] = (0.45, 0.35, 0.20)
 
 
-def _as_numpy(x: Any) -> np.ndarray:
-    """Tensor (any device) or array-like -> numpy array."""
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
 def _labels(values: Any, name: str, num_classes: int) -> np.ndarray:
     """1-D integer class indices in ``[0, num_classes)`` -> int64 array (ValueError otherwise)."""
-    arr = _as_numpy(values)
+    arr = as_numpy(values)
     if arr.ndim == 2 and arr.shape[1] == 1:
         arr = arr[:, 0]
     if arr.ndim != 1:
@@ -106,25 +101,25 @@ def _resolve_weights(
         return support.astype(np.float64) / float(support.sum()), "test shares"
     if isinstance(class_weights, str):
         if class_weights != "paper":
-            raise ValueError(
+            raise ConfigError(
                 f"class_weights must be None, 'shares', 'paper' or a sequence of {c} floats, "
                 f"got {class_weights!r}"
             )
         if c != 3:
-            raise ValueError(
+            raise ConfigError(
                 f"class_weights='paper' means {PAPER_F1_WEIGHTS} for (Normal, CP, COVID-19) and "
                 f"needs exactly 3 classes, got {c}"
             )
         return np.asarray(PAPER_F1_WEIGHTS, dtype=np.float64), "paper"
-    w = _as_numpy(class_weights)
+    w = as_numpy(class_weights)
     try:
         w = w.astype(np.float64).reshape(-1)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"class_weights must be numbers, got {class_weights!r}") from exc
+        raise ConfigError(f"class_weights must be numbers, got {class_weights!r}") from exc
     if w.shape[0] != c:
-        raise ValueError(f"class_weights has {w.shape[0]} entries but there are {c} classes")
+        raise ConfigError(f"class_weights has {w.shape[0]} entries but there are {c} classes")
     if not np.all(np.isfinite(w)) or np.any(w < 0):
-        raise ValueError(f"class_weights must be finite and non-negative, got {w.tolist()}")
+        raise ConfigError(f"class_weights must be finite and non-negative, got {w.tolist()}")
     return w, "custom"
 
 
@@ -134,7 +129,7 @@ def _opt(x: float) -> float | None:
     return None if math.isnan(x) else x
 
 
-def check_class_names(class_names) -> list[str]:
+def validate_class_names(class_names) -> list[str]:
     """At least two distinct class names, as strings."""
     names = [str(n) for n in class_names]
     if len(names) < 2:
@@ -184,7 +179,7 @@ def classification_report(
         roc_auc_score,
     )
 
-    names = check_class_names(class_names)
+    names = validate_class_names(class_names)
     c = len(names)
     yt = _labels(y_true, "y_true", c)
     yp = _labels(y_pred, "y_pred", c)
@@ -196,7 +191,7 @@ def classification_report(
 
     probs = None
     if scores is not None:
-        probs = _as_numpy(scores)
+        probs = as_numpy(scores)
         if probs.ndim != 2 or probs.shape != (n, c):
             raise ValueError(
                 f"scores must have shape [n, C] = [{n}, {c}], got {tuple(probs.shape)}"

@@ -62,6 +62,8 @@ from typing import Any
 
 import numpy as np
 
+from .arrays import as_numpy
+
 __all__ = ["legacy_map", "DEFAULT_IOU_THRESHOLDS"]
 
 #: 0.50:0.05:0.95, the ten thresholds of the author's ``evaluation_mean_ap.py``.
@@ -73,13 +75,6 @@ DEFAULT_IOU_THRESHOLDS: tuple[float, ...] = tuple(
 # --------------------------------------------------------------------------------------
 # input normalisation (shared with ctlesion.metrics.coco)
 # --------------------------------------------------------------------------------------
-def _as_numpy(x: Any) -> np.ndarray:
-    """Tensor (any device) or array-like -> numpy array, without copying when possible."""
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
 def _pred_masks(masks: Any, count: int, mask_threshold: float, index: int) -> np.ndarray | None:
     """Predicted masks ``[K,1,H,W]`` or ``[K,H,W]`` -> bool ``[K,H,W]`` (``None`` if no spatial
     size is known, which is only allowed when ``count == 0``)."""
@@ -87,7 +82,7 @@ def _pred_masks(masks: Any, count: int, mask_threshold: float, index: int) -> np
         if count:
             raise ValueError(f"image {index}: prediction has {count} scores but no 'masks'")
         return None
-    m = _as_numpy(masks)
+    m = as_numpy(masks)
     if m.ndim == 4:
         if m.shape[1] != 1:
             raise ValueError(
@@ -115,7 +110,7 @@ def _gt_masks(masks: Any, count: int, index: int) -> np.ndarray | None:
         if count:
             raise ValueError(f"image {index}: target has {count} labels but no 'masks'")
         return None
-    m = _as_numpy(masks)
+    m = as_numpy(masks)
     if m.ndim == 4 and m.shape[1] == 1:
         m = m[:, 0]
     if m.ndim != 3:
@@ -143,24 +138,24 @@ def _prepare_image(
     """
     if not isinstance(pred, Mapping) or not isinstance(target, Mapping):
         raise TypeError(f"image {index}: predictions and targets must be dicts")
-    scores = _as_numpy(pred.get("scores", np.zeros(0))).astype(np.float64).reshape(-1)
-    labels = _as_numpy(pred.get("labels", np.zeros(0, np.int64))).astype(np.int64).reshape(-1)
+    scores = as_numpy(pred.get("scores", np.zeros(0))).astype(np.float64).reshape(-1)
+    labels = as_numpy(pred.get("labels", np.zeros(0, np.int64))).astype(np.int64).reshape(-1)
     if labels.shape[0] != scores.shape[0]:
         raise ValueError(
             f"image {index}: {labels.shape[0]} predicted labels but {scores.shape[0]} scores"
         )
     masks = _pred_masks(pred.get("masks"), scores.shape[0], mask_threshold, index)
     boxes = pred.get("boxes")
-    boxes = None if boxes is None else _as_numpy(boxes).astype(np.float64).reshape(-1, 4)
+    boxes = None if boxes is None else as_numpy(boxes).astype(np.float64).reshape(-1, 4)
     if boxes is not None and boxes.shape[0] != scores.shape[0]:
         raise ValueError(
             f"image {index}: {boxes.shape[0]} predicted boxes but {scores.shape[0]} scores"
         )
 
-    gt_labels = _as_numpy(target.get("labels", np.zeros(0, np.int64))).astype(np.int64).reshape(-1)
+    gt_labels = as_numpy(target.get("labels", np.zeros(0, np.int64))).astype(np.int64).reshape(-1)
     gt_masks = _gt_masks(target.get("masks"), gt_labels.shape[0], index)
     gt_boxes = target.get("boxes")
-    gt_boxes = None if gt_boxes is None else _as_numpy(gt_boxes).astype(np.float64).reshape(-1, 4)
+    gt_boxes = None if gt_boxes is None else as_numpy(gt_boxes).astype(np.float64).reshape(-1, 4)
 
     size = None
     if masks is not None and gt_masks is not None:

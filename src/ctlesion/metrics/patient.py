@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from .classification import check_class_names
+from .arrays import as_numpy
+from .classification import validate_class_names
 
 __all__ = ["patient_verdict", "group_by_patient", "PATIENT_METHODS"]
 
@@ -28,12 +29,6 @@ PATIENT_METHODS: tuple[str, ...] = ("mean", "abnormal_fraction", "max")
 #: Tolerance of the probability checks (values in [0, 1], rows summing to 1); loose enough for
 #: float16 softmax outputs, tight enough to reject logits.
 _PROB_TOL = 1e-2
-
-
-def _as_numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
 
 
 def _normal_index(normal_class: int | str, names: list[str]) -> int:
@@ -110,7 +105,7 @@ def patient_verdict(
             values that are not probabilities, an unknown method, a bad ``normal_class`` or
             ``min_abnormal_fraction``.
     """
-    names = check_class_names(class_names)
+    names = validate_class_names(class_names)
     c = len(names)
     if method not in PATIENT_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {PATIENT_METHODS}")
@@ -119,7 +114,7 @@ def patient_verdict(
     if not 0.0 <= frac_min <= 1.0:
         raise ValueError(f"min_abnormal_fraction must be in [0, 1], got {min_abnormal_fraction}")
 
-    p = _as_numpy(probabilities)
+    p = as_numpy(probabilities)
     if p.ndim == 1 and p.size:
         p = p[None, :]
     if p.ndim != 2:

@@ -1,7 +1,7 @@
 """Attention, LSTM-1 and LSTM-2 heads of paper 004 (spec §7.2-§7.4).
 
 All three read the mask features ``R [beta, C, 28, 28]`` of ONE image, rows in distance
-order (:func:`~ctlesion.models.mask_features.distance_order`), and run refinement (N = 1)
+order (:func:`~ctlesion.models.roi_batch.distance_order`), and run refinement (N = 1)
 and vectorisation to ``X [beta, C]`` (spec §7.1). Then:
 
 * **Attention** (Eqs. 1-8): ``x* = flatten(X)``; ``z = Linear_{beta C -> C}(x*)``;
@@ -143,6 +143,8 @@ class LSTM1Head(MaskFeatureHead):
     fc_v, fc_d}``, ``classifier``.
     """
 
+    branches = ("branch",)
+
     def __init__(self, channels: int = 256, rois: int = 16, hidden: int = 256, num_classes: int = 3,
                  blocks: int = 1, eq16_linear: bool = True, shared_refinement: bool = False) -> None:
         super().__init__()
@@ -151,7 +153,10 @@ class LSTM1Head(MaskFeatureHead):
         self.hidden = int(hidden)
         self.num_classes = int(num_classes)
         self.eq16_linear = bool(eq16_linear)
-        self.layer = LSTMLayer(self.channels, self.hidden, blocks, self.eq16_linear, ("branch",), shared_refinement)
+        self.layer = LSTMLayer(self.channels, self.hidden, blocks, self.eq16_linear, self.branches, shared_refinement)
+        self.add_classifiers()
+
+    def add_classifiers(self) -> None:
         self.classifier = ImageClassifier(self.hidden, self.num_classes)
 
     def from_vectors(self, X: Tensor) -> tuple[Tensor, Tensor]:
@@ -160,7 +165,7 @@ class LSTM1Head(MaskFeatureHead):
         return self.classifier(p), b_star
 
 
-class LSTM2Head(MaskFeatureHead):
+class LSTM2Head(LSTM1Head):
     """LSTM-2: ``pos`` and ``neg`` LSTM + attention branches, two classifiers, logits
     subtracted (spec §7.4, §10 #18-19).
 
@@ -177,16 +182,9 @@ class LSTM2Head(MaskFeatureHead):
     ``classifier_neg``.
     """
 
-    def __init__(self, channels: int = 256, rois: int = 16, hidden: int = 256, num_classes: int = 3,
-                 blocks: int = 1, eq16_linear: bool = True, shared_refinement: bool = False) -> None:
-        super().__init__()
-        self.channels = int(channels)
-        self.rois = int(rois)
-        self.hidden = int(hidden)
-        self.num_classes = int(num_classes)
-        self.eq16_linear = bool(eq16_linear)
-        self.layer = LSTMLayer(self.channels, self.hidden, blocks, self.eq16_linear, ("pos", "neg"),
-                               shared_refinement)
+    branches = ("pos", "neg")
+
+    def add_classifiers(self) -> None:
         self.classifier_pos = ImageClassifier(self.hidden, self.num_classes)
         self.classifier_neg = ImageClassifier(self.hidden, self.num_classes)
         self.last_weights: dict[str, Tensor] | None = None

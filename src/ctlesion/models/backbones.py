@@ -20,6 +20,8 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FeaturePyramidNetwork
 
 from ..config import BackboneConfig
+from ..errors import ConfigError
+from .weights import load_local_weights
 
 __all__ = ["ARCHS", "CtBackbone", "build_backbone", "load_imagenet_weights"]
 
@@ -52,43 +54,21 @@ class CtBackbone(nn.Module):
 
 
 def load_imagenet_weights(resnet: nn.Module, path: str | Path) -> None:
-    """Load a local ImageNet state dict (``.safetensors`` or ``.pth``) into a ResNet.
-
-    ImageNet weights cannot be downloaded here, so users pass a file. ``.pth`` files are
-    read with ``weights_only=True``: an untrusted file never executes code. The ``fc``
-    layer is ignored; any other missing or unexpected key is an error.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    own = {k for k in resnet.state_dict() if not k.startswith("fc.")}
-    missing, unexpected = own - set(state), set(state) - own
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: not a state dict for this architecture "
-            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
-        )
-    resnet.load_state_dict(state, strict=False)
+    """Load a local ImageNet state dict (``.safetensors`` or ``.pth``, read with
+    ``weights_only=True``) into a ResNet; its ``fc`` layer is ignored, any other missing or
+    unexpected key is an error (:func:`~ctlesion.models.weights.load_local_weights`)."""
+    load_local_weights(resnet, path, "fc", keep_head=False)
 
 
 def build_backbone(cfg: BackboneConfig) -> CtBackbone:
     if cfg.arch not in ARCHS:
-        raise ValueError(f"unknown backbone arch {cfg.arch!r}; choose one of {sorted(ARCHS)}")
+        raise ConfigError(f"unknown backbone arch {cfg.arch!r}; choose one of {sorted(ARCHS)}")
     if cfg.stages not in (2, 3, 4):
-        raise ValueError(f"backbone.stages must be 2, 3 or 4, got {cfg.stages}")
+        raise ConfigError(f"backbone.stages must be 2, 3 or 4, got {cfg.stages}")
     if cfg.fpn not in ("single", "full"):
-        raise ValueError(f"backbone.fpn must be 'single' or 'full', got {cfg.fpn!r}")
+        raise ConfigError(f"backbone.fpn must be 'single' or 'full', got {cfg.fpn!r}")
     if cfg.fpn == "full" and cfg.stages != 4:
-        raise ValueError("backbone.fpn='full' uses layer1..layer4, so it needs stages=4")
+        raise ConfigError("backbone.fpn='full' uses layer1..layer4, so it needs stages=4")
     constructor, channels = ARCHS[cfg.arch]
     resnet = constructor(weights=None, norm_layer=nn.BatchNorm2d)
     if cfg.weights:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from torch import Tensor, nn
+from ..errors import ConfigError
 
 __all__ = ["ClassifierOutput", "SliceClassifier", "UPDATE_RULES", "trainable_names", "bn_parameter_names"]
 
@@ -46,6 +47,9 @@ class SliceClassifier(nn.Module):
     """Base class: class names, config, and the hooks the training engine calls."""
 
     has_segmentation: bool = False
+    #: Random source of the RoI-batch padding (spec §10 #29), set by evaluation; models
+    #: without a RoI batch (the CNNs) never read it.
+    padding_generator = None
 
     def __init__(self, class_names, config) -> None:
         super().__init__()
@@ -89,9 +93,9 @@ class SliceClassifier(nn.Module):
 def trainable_names(model: SliceClassifier, rule: str, bn_params: str = "all") -> set[str]:
     """Names of the parameters the classification loss may update under ``rule``."""
     if rule not in UPDATE_RULES:
-        raise ValueError(f"train.update_rule must be one of {UPDATE_RULES}, not {rule!r}")
+        raise ConfigError(f"train.update_rule must be one of {UPDATE_RULES}, not {rule!r}")
     if bn_params not in ("all", "code"):
-        raise ValueError(f"train.bn_params must be 'all' or 'code', not {bn_params!r}")
+        raise ConfigError(f"train.bn_params must be 'all' or 'code', not {bn_params!r}")
     if rule == "full":
         return {n for n, _ in model.named_parameters()}
     groups = model.parameter_groups()

@@ -22,7 +22,6 @@ any other missing, unexpected or mis-shaped key is an error.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import torch
@@ -31,11 +30,12 @@ from torch import Tensor, nn
 from torchvision import models
 
 from ..config import ModelConfig
+from ..errors import ConfigError
 from .classifier import ClassifierOutput, SliceClassifier, bn_parameter_names
+from .weights import load_local_weights
 
 __all__ = [
     "CNN_ARCHS", "IMAGENET_MEAN", "IMAGENET_STD", "CNNClassifier", "build_cnn_classifier",
-    "load_cnn_weights",
 ]
 
 log = logging.getLogger(__name__)
@@ -51,74 +51,6 @@ CNN_ARCHS: dict[str, tuple] = {
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# torchvision's released DenseNet files use the old key layout
-# ("denselayer1.norm.1.weight"); the current modules are named "norm1" (torchvision
-# remaps them the same way in ``densenet._load_state_dict``).
-_OLD_DENSENET_KEY = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
-)
-
-
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path}: not a state dict (a mapping of names to tensors)")
-    out = {}
-    for key, value in state.items():
-        if key.startswith("module."):  # saved from nn.DataParallel
-            key = key[len("module."):]
-        match = _OLD_DENSENET_KEY.match(key)
-        if match:
-            key = match.group(1) + match.group(2)
-        out[key] = value
-    return out
-
-
-def load_cnn_weights(net: nn.Module, path: str | Path, head: str) -> list[str]:
-    """Load a local ImageNet state dict into the torchvision classifier ``net``.
-
-    Keys of the final layer ``head`` whose shape differs from the model's are skipped (and
-    returned, so callers can say so); every other key must be present with the right
-    shape. ``num_batches_tracked`` buffers missing from old checkpoints are tolerated.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"CNN weights file not found: {path}")
-    state = _read_state_dict(path)
-    own = net.state_dict()
-    head_prefix = head + "."
-    skipped = sorted(
-        k for k, v in state.items()
-        if k.startswith(head_prefix) and k in own and tuple(v.shape) != tuple(own[k].shape)
-    )
-    state = {k: v for k, v in state.items() if k not in skipped}
-    missing = {
-        k for k in own
-        if k not in state and not k.startswith(head_prefix) and not k.endswith("num_batches_tracked")
-    }
-    unexpected = set(state) - set(own)
-    bad_shape = sorted(
-        k for k in set(state) & set(own) if tuple(state[k].shape) != tuple(own[k].shape)
-    )
-    if missing or unexpected or bad_shape:
-        raise ValueError(
-            f"{path}: not a state dict for this architecture "
-            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}, "
-            f"wrong shape {bad_shape[:5]})"
-        )
-    net.load_state_dict(state, strict=False)
-    if skipped:
-        log.info("%s: skipped %s (shape differs from this model's last layer)", path, skipped)
-    return skipped
-
 
 class CNNClassifier(SliceClassifier):
     """A torchvision classification CNN behind the :class:`SliceClassifier` contract.
@@ -139,11 +71,11 @@ class CNNClassifier(SliceClassifier):
     ) -> None:
         super().__init__(class_names, config)
         if arch not in CNN_ARCHS:
-            raise ValueError(f"unknown CNN arch {arch!r}; choose one of {sorted(CNN_ARCHS)}")
+            raise ConfigError(f"unknown CNN arch {arch!r}; choose one of {sorted(CNN_ARCHS)}")
         if len(self.class_names) < 2 or len(set(self.class_names)) != len(self.class_names):
-            raise ValueError(f"a classifier needs at least two distinct class names, got {list(self.class_names)}")
+            raise ConfigError(f"a classifier needs at least two distinct class names, got {list(self.class_names)}")
         if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 32:
-            raise ValueError(f"classifier.input_size must be an integer >= 32, got {input_size!r}")
+            raise ConfigError(f"classifier.input_size must be an integer >= 32, got {input_size!r}")
         builder, head = CNN_ARCHS[arch]
         self.arch = arch
         self.input_size = input_size
@@ -151,7 +83,10 @@ class CNNClassifier(SliceClassifier):
         self.net = builder(weights=None, num_classes=self.num_classes)
         self.skipped_weight_keys: list[str] = []
         if weights:
-            self.skipped_weight_keys = load_cnn_weights(self.net, weights, head)
+            self.skipped_weight_keys = load_local_weights(self.net, weights, head, keep_head=True)
+            if self.skipped_weight_keys:
+                log.info("%s: skipped %s (shape differs from this model's last layer)", weights,
+                         self.skipped_weight_keys)
         # Not persistent: constants, kept out of checkpoints.
         self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -190,7 +125,8 @@ class CNNClassifier(SliceClassifier):
         x = torch.cat(batch, dim=0)
         return (x - self.image_mean) / self.image_std
 
-    def forward(self, images: list[Tensor]) -> ClassifierOutput:
+    def forward(self, images: list[Tensor], with_detections: bool = False) -> ClassifierOutput:
+        # with_detections: the SliceClassifier signature; a CNN has no detector, so no detections
         return ClassifierOutput(logits=self.net(self.preprocess(images)))
 
     def parameter_groups(self) -> dict[str, list[str]]:
@@ -211,7 +147,7 @@ class CNNClassifier(SliceClassifier):
         elif cls_bn == "batch":
             self.train()
         else:
-            raise ValueError(f"train.cls_bn must be 'eval' or 'batch', not {cls_bn!r}")
+            raise ConfigError(f"train.cls_bn must be 'eval' or 'batch', not {cls_bn!r}")
 
     def extra_repr(self) -> str:
         return f"arch={self.arch}, input_size={self.input_size}, classes={list(self.class_names)}"
@@ -221,7 +157,7 @@ def build_cnn_classifier(cfg: ModelConfig) -> CNNClassifier:
     """Build the benchmark CNN that ``cfg.classifier`` describes (``kind`` must be ``cnn``)."""
     c = cfg.classifier
     if c.kind != "cnn":
-        raise ValueError(f"build_cnn_classifier needs classifier.kind='cnn', got {c.kind!r}")
+        raise ConfigError(f"build_cnn_classifier needs classifier.kind='cnn', got {c.kind!r}")
     return CNNClassifier(
         c.class_names, arch=c.cnn_arch, input_size=c.input_size, weights=c.cnn_weights, config=cfg
     )

@@ -5,7 +5,7 @@ backbone, RPN and box branch, drops the mask branch (a Faster R-CNN), and adds m
 which reads the detector's top-N (score, class-specific deltas) rows and outputs three
 logits. The detector is always in inference mode: RPN test settings, no detection losses.
 Training modes (``train.update_rule``): ``s_only``, ``s_bn`` (S + backbone BatchNorm
-affine, running statistics frozen) and ``full``; see :mod:`ctlesion.engine.train_classifier`.
+affine, running statistics frozen) and ``full``; see :mod:`ctlesion.engine.steps`.
 """
 
 from __future__ import annotations

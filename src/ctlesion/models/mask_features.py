@@ -15,7 +15,6 @@ Spec §6.1, §6.2 and §7.1:
   Linear(128->K) (spec §6.2 step 5).
 * :class:`MaskFeatureHead`: the base class of the heads (``affinity.py``,
   ``attention.py``): ``forward(R) = from_vectors(features(R))``.
-* :func:`distance_order`: the LSTM/Attention RoI order (spec §7.1, §10 #20).
 * :func:`init_layer`: the original code's init of the affinity/attention layer.
 """
 
@@ -34,7 +33,6 @@ __all__ = [
     "Vectorisation",
     "ImageClassifier",
     "MaskFeatureHead",
-    "distance_order",
     "init_layer",
 ]
 
@@ -315,87 +313,3 @@ class MaskFeatureHead(nn.Module):
             )
         if X.shape[0] < 1:
             raise ValueError(f"{type(self).__name__} needs at least one RoI")
-
-
-# --------------------------------------------------------------------------------------
-# RoI order (spec §7.1)
-# --------------------------------------------------------------------------------------
-
-
-def distance_order(boxes: Tensor, code: bool = False) -> Tensor:
-    """Indices that sort boxes ``[beta, 4]`` (x1, y1, x2, y2) by the Euclidean distance from
-    the image origin (0, 0) to the top-left corner (x1, y1), ascending (closest first).
-
-    Stable: equal distances keep their input (confidence-rank) order. The distance is
-    compared squared, in float64, so ties are exact. Returns a ``long`` tensor ``[beta]``.
-    ``code=True`` is the original code's expression instead (``roi_order: distance_code``).
-    """
-    if boxes.dim() != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"distance_order expects boxes [n, 4], got {tuple(boxes.shape)}")
-    if code:
-        # The LSTM code's expression: float32 sqrt(x1^2 + y1^2), torch's default (unstable)
-        # sort. Equal distances then come out in whatever order that sort gives.
-        return torch.sqrt(boxes[:, 0] ** 2 + boxes[:, 1] ** 2).sort().indices
-    xy = boxes[:, :2].to(torch.float64)
-    d2 = (xy * xy).sum(dim=1)
-    return torch.sort(d2, stable=True).indices
-
-
-# ------------------------------------------------------------------ whole model
-
-
-HEAD_KINDS = ("affinity", "attention", "lstm1", "lstm2")
-
-
-def build_mask_feature_model(cfg):
-    """Detector + weight-copied classification branch (box part and mask part) + the
-    family's head (spec §6.1, §7.1): the Affinity, Attention, LSTM-1 and LSTM-2 models.
-
-    The classification branch selects ``classifier.rois`` RoIs (beta) from its own box
-    predictions over all RPN proposals (class-wise NMS ``roi_nms_thresh``, top beta,
-    repetition padding), RoIAligns their decoded boxes at 14x14 and runs the copied mask
-    conv + ConvT (+ ReLU): ``[beta, 256, 28, 28]`` for the head.
-    """
-    import copy
-
-    from .maskrcnn import build_maskrcnn
-    from .rcnn_classifier import RCNNSliceClassifier
-
-    c = cfg.classifier
-    if c.kind not in HEAD_KINDS:
-        raise ValueError(f"classifier.kind must be one of {HEAD_KINDS} for a mask-feature model, not {c.kind!r}")
-    d = cfg.detector
-    if len(d.mask_head_layers) != 1 or d.mask_head_layers[0] != d.mask_predictor_width:
-        raise ValueError("mask-feature models need a one-conv mask head as wide as its predictor "
-                         f"(e.g. [256] and 256), got {d.mask_head_layers} / {d.mask_predictor_width}")
-    detector = build_maskrcnn(cfg)
-    heads = detector.roi_heads
-    channels = cfg.backbone.out_channels
-    cls_branch = nn.ModuleDict({
-        "box_head": copy.deepcopy(heads.box_head),
-        "box_predictor": copy.deepcopy(heads.box_predictor),
-        "mask_branch": MaskFeatureBranch(channels, d.mask_predictor_width, extra_conv=c.extra_conv),
-    })
-    num_classes = len(c.class_names)
-    if c.kind == "affinity":
-        from .affinity import AffinityHead
-
-        head = AffinityHead(d.mask_predictor_width, c.rois, c.affinity_dim, num_classes, c.refinement_blocks,
-                            c.shared_refinement)
-    else:
-        from .attention import AttentionHead, LSTM1Head, LSTM2Head
-
-        if c.kind == "attention":
-            head = AttentionHead(d.mask_predictor_width, c.rois, num_classes, c.refinement_blocks,
-                                 shared_refinement=c.shared_refinement)
-        else:
-            cls = LSTM1Head if c.kind == "lstm1" else LSTM2Head
-            head = cls(d.mask_predictor_width, c.rois, c.hidden_size, num_classes, c.refinement_blocks,
-                       eq16_linear=c.eq16_linear, shared_refinement=c.shared_refinement)
-    model = RCNNSliceClassifier(
-        detector, head, c.class_names, cfg, cls_branch=cls_branch, num_rois=c.rois,
-        nms_thresh=c.roi_nms_thresh, min_area=c.roi_min_area, uses_mask_features=True,
-        roi_order=c.roi_order, segmentation=True, head_batch_stats=c.head_batch_stats,
-    )
-    model.copy_segmentation_branch()  # the branch starts as the segmentation branch's twin
-    return model

@@ -34,6 +34,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from ..config import DetectorConfig, ModelConfig
 from ..data.masks import get_mask_type
+from ..errors import ConfigError
 from .backbones import build_backbone
 from .rcnn_parts import LesionRoIHeads, LesionRPN, LesionTransform
 
@@ -87,7 +88,7 @@ def build_maskrcnn(cfg: ModelConfig) -> LesionMaskRCNN:
     """Build the detector described by ``cfg`` (random heads; backbone per ``cfg.backbone``)."""
     d = cfg.detector
     if not d.mask_head_layers:
-        raise ValueError("detector.mask_head_layers needs at least one conv width")
+        raise ConfigError("detector.mask_head_layers needs at least one conv width")
     class_names = get_mask_type(d.mask_type).class_names
     backbone = build_backbone(cfg.backbone)
     num_levels = 4 if cfg.backbone.fpn == "full" else 1

@@ -23,8 +23,9 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from .classifier import ClassifierOutput, SliceClassifier, bn_parameter_names
-from .roi_batch import RoIBatch, build_roi_batch
+from .roi_batch import RoIBatch, build_roi_batch, distance_order
 
 __all__ = ["RCNNSliceClassifier", "one_hot_bce", "ROI_ORDERS"]
 
@@ -67,7 +68,7 @@ class RCNNSliceClassifier(SliceClassifier):
     ) -> None:
         super().__init__(class_names, config)
         if roi_order not in ROI_ORDERS:
-            raise ValueError(f"roi_order must be one of {ROI_ORDERS}, not {roi_order!r}")
+            raise ConfigError(f"roi_order must be one of {ROI_ORDERS}, not {roi_order!r}")
         if uses_mask_features and (cls_branch is None or "mask_branch" not in cls_branch):
             raise ValueError("a mask-feature head needs a classification branch with a mask_branch")
         self.detector = detector
@@ -122,7 +123,7 @@ class RCNNSliceClassifier(SliceClassifier):
 
     def classification_mode(self, cls_bn: str = "eval") -> None:
         if cls_bn not in ("eval", "batch"):
-            raise ValueError(f"train.cls_bn must be 'eval' or 'batch', not {cls_bn!r}")
+            raise ConfigError(f"train.cls_bn must be 'eval' or 'batch', not {cls_bn!r}")
         self.eval()
         self.head.train()
         if cls_bn == "batch":
@@ -201,8 +202,6 @@ class RCNNSliceClassifier(SliceClassifier):
     def _order(self, batch: RoIBatch) -> RoIBatch:
         if self.roi_order == "confidence":
             return batch
-        from .mask_features import distance_order
-
         idx = distance_order(batch.boxes, code=self.roi_order == "distance_code")
         return RoIBatch(batch.rows[idx], batch.boxes[idx], batch.labels[idx], batch.num_survivors)
 

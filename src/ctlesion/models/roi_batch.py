@@ -13,7 +13,8 @@ from the raw box-branch outputs, with stock ``BoxCoder``, ``clip_boxes_to_image`
 4. fewer than ``num_rois`` survivors are padded by order-preserving repetition with
    random run lengths (:func:`repeat_pad_indices`); none at all gives zero rows.
 
-The same procedure selects the beta RoIs of the mask-feature models (spec §6.1, NMS 0.25).
+The same procedure selects the beta RoIs of the mask-feature models (spec §6.1, NMS 0.25);
+:func:`distance_order` is the LSTM/Attention order of those RoIs (spec §7.1, §10 #20).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import Tensor
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import boxes as box_ops
 
-__all__ = ["RoIBatch", "repeat_pad_indices", "build_roi_batch"]
+__all__ = ["RoIBatch", "repeat_pad_indices", "build_roi_batch", "distance_order"]
 
 
 @dataclass
@@ -128,3 +129,22 @@ def build_roi_batch(
         keep = keep[repeat_pad_indices(k, num_rois, generator).to(device)]
     rows = torch.cat([scores[keep, None], deltas[keep]], dim=1)
     return RoIBatch(rows=rows, boxes=decoded[keep], labels=labels[keep], num_survivors=k)
+
+
+def distance_order(boxes: Tensor, code: bool = False) -> Tensor:
+    """Indices that sort boxes ``[beta, 4]`` (x1, y1, x2, y2) by the Euclidean distance from
+    the image origin (0, 0) to the top-left corner (x1, y1), ascending (closest first).
+
+    Stable: equal distances keep their input (confidence-rank) order. The distance is
+    compared squared, in float64, so ties are exact. Returns a ``long`` tensor ``[beta]``.
+    ``code=True`` is the original code's expression instead (``roi_order: distance_code``).
+    """
+    if boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"distance_order expects boxes [n, 4], got {tuple(boxes.shape)}")
+    if code:
+        # The LSTM code's expression: float32 sqrt(x1^2 + y1^2), torch's default (unstable)
+        # sort. Equal distances then come out in whatever order that sort gives.
+        return torch.sqrt(boxes[:, 0] ** 2 + boxes[:, 1] ** 2).sort().indices
+    xy = boxes[:, :2].to(torch.float64)
+    d2 = (xy * xy).sum(dim=1)
+    return torch.sort(d2, stable=True).indices

@@ -13,7 +13,7 @@ over the ranked RoI batch. ``classifier.branch``:
 
 Segmentation steps use the stock Mask R-CNN losses; the classification step runs the
 model in eval mode with S in train mode (spec §5.2). See
-:mod:`ctlesion.engine.train_classifier` for the joint loop.
+:mod:`ctlesion.engine.steps` for the joint loop.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import copy
 from torch import nn
 
 from ..config import ModelConfig
+from ..errors import ConfigError
 from .ctm import ModuleS
 from .maskrcnn import build_maskrcnn
 from .rcnn_classifier import RCNNSliceClassifier
@@ -33,7 +34,7 @@ __all__ = ["build_ssm"]
 def build_ssm(cfg: ModelConfig) -> RCNNSliceClassifier:
     c = cfg.classifier
     if c.branch not in ("shared", "separate"):
-        raise ValueError(f"classifier.branch must be 'shared' or 'separate', not {c.branch!r}")
+        raise ConfigError(f"classifier.branch must be 'shared' or 'separate', not {c.branch!r}")
     detector = build_maskrcnn(cfg)
     cls_branch = None
     if c.branch == "separate":

@@ -1,0 +1,122 @@
+"""Scoring a checkpoint as ``ctlesion evaluate`` does, as a library function (the CLI only
+parses arguments and prints what this returns).
+
+The rules of what evaluation inherits from training live here, once:
+
+* the data's preprocessing (minimum instance area, slice size) comes from the checkpoint's
+  training data unless overridden; the window is the input's own (``auto``) unless given,
+  because a phantom-trained checkpoint's HU window would not fit 8-bit inputs;
+* a classifier scored on data of its training format keeps its ``class_map``;
+* the segmentation branch of a joint model is scored on ``seg_data`` with the preprocessing
+  of the training ``seg_data``;
+* batch-statistics BatchNorm at scoring time follows the training config (``cls_bn``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from ..config import DataConfig, EvalConfig, ExperimentConfig
+from ..data.factory import build_dataset, parse_data_spec
+from ..errors import ConfigError
+from ..viz import save_overlay
+from .checkpoint import load_checkpoint
+from .evaluate import evaluate_segmentation
+from .evaluate_classifier import evaluate_classifier, write_classification_outputs
+from .io import write_json
+from .loop import resolve_device
+from .predict import safe_filename
+
+__all__ = ["evaluation_data", "scoring_cls_bn", "evaluate_checkpoint"]
+
+
+def evaluation_data(spec: str | DataConfig, trained: DataConfig | None, *, min_area: int | None = None,
+                    size: int | None = None, window: str | None = None, split: str | None = None) -> DataConfig:
+    """The ``--data`` string as a :class:`DataConfig`, inheriting ``trained``'s preprocessing
+    (minimum area, size) unless given. A :class:`DataConfig` is taken as it is."""
+    if isinstance(spec, DataConfig):
+        return spec
+    data = parse_data_spec(spec)
+    trained = trained or DataConfig()
+    data.min_area = min_area if min_area is not None else trained.min_area
+    data.size = size if size is not None else trained.size
+    if window is not None:
+        data.window = window
+    if split:
+        data.split = split
+    return data
+
+
+def scoring_cls_bn(cfg: ExperimentConfig) -> str:
+    """BatchNorm mode of the classification path when scoring: the training setting (``auto`` = eval)."""
+    return cfg.train.cls_bn if cfg.train.cls_bn != "auto" else "eval"
+
+
+def _label(data: str | DataConfig) -> str:
+    """How ``metrics.json`` names the data: the ``--data`` string, or format and root."""
+    if isinstance(data, str):
+        return data
+    return f"phantom:n={data.num_samples},size={data.phantom_size},seed={data.seed}" if data.format == "phantom" \
+        else f"{data.format}:{data.root}"
+
+
+def _eval_settings(cfg: ExperimentConfig, **overrides) -> EvalConfig:
+    return replace(cfg.eval, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path, data: str | DataConfig, out: str | Path, *, seg_data: str | DataConfig | None = None,
+    split: str | None = None,
+    min_area: int | None = None, size: int | None = None, window: str | None = None,
+    score_thresh: float | None = None, nms_thresh: float | None = None, max_detections: int | None = None,
+    f1_weights=None, overlays: int = 8, device: str = "auto", progress: bool = True, title: str | None = None,
+) -> dict:
+    """Score ``checkpoint`` on ``data`` (a ``--data`` string, or a :class:`DataConfig` used as
+    it is) and write the outputs to ``out``.
+
+    Detectors: ``metrics.json`` (legacy + COCO) and overlays of the first ``overlays``
+    images (``overlay_files`` in the result). Classifiers: ``metrics.json``,
+    ``confusion_matrix.png``, ``predictions.jsonl``; joint models also score their
+    segmentation branch on ``seg_data``; ``title`` heads the confusion matrix (``{n}``: the
+    slice count). Returns the metrics (with ``task``).
+    """
+    model, cfg, meta = load_checkpoint(checkpoint)
+    task = meta.get("task", "segmentation")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device)
+    seg_eval = _eval_settings(cfg, score_thresh=score_thresh, nms_thresh=nms_thresh,
+                              detections_per_img=max_detections)
+    data_cfg = evaluation_data(data, cfg.data, min_area=min_area, size=size, window=window, split=split)
+    if task == "segmentation":
+        metrics, kept = evaluate_segmentation(model, build_dataset(data_cfg, cfg.model.detector.mask_type), seg_eval,
+                                              dev, progress=progress, keep=overlays)
+        metrics.update(checkpoint=str(checkpoint), data=_label(data), task=task)
+        write_json(out / "metrics.json", metrics)
+        files = [out / "overlays" / f"{safe_filename(sample.sample_id)}.png" for sample, _ in kept]
+        for path, (sample, pred) in zip(files, kept):
+            save_overlay(path, sample.image, prediction=pred, class_names=model.class_names, target=sample.target,
+                         score_threshold=seg_eval.score_thresh, title=sample.sample_id)
+        return {**metrics, "overlay_files": files}
+    if data_cfg.format == cfg.data.format and data_cfg.class_map is None:
+        data_cfg.class_map = cfg.data.class_map  # same naming scheme as in training
+    metrics, records = evaluate_classifier(model, build_dataset(data_cfg, cfg.model.detector.mask_type), dev,
+                                           eval_cfg=replace(cfg.eval, f1_weights=f1_weights),
+                                           cls_bn=scoring_cls_bn(cfg), progress=progress)
+    metrics.update(checkpoint=str(checkpoint), data=_label(data), task=task)
+    if seg_data:
+        if not model.has_segmentation:
+            raise ConfigError(f"--seg-data: {cfg.model.name} has no segmentation branch")
+        if cfg.seg_data is not None:    # as the segmentation steps saw it
+            seg_cfg = evaluation_data(seg_data, cfg.seg_data, size=size, window=window, split=split)
+        else:                           # trained without seg_data: the slices as given
+            seg_cfg = evaluation_data(seg_data, replace(cfg.data, size=None), min_area=min_area, size=size,
+                                      window=window, split=split)
+        seg_metrics, _ = evaluate_segmentation(model.detector, build_dataset(seg_cfg, cfg.model.detector.mask_type),
+                                               seg_eval, dev, progress=progress)
+        seg_metrics["data"] = _label(seg_data)
+        metrics["segmentation"] = seg_metrics
+    title = title or f"{cfg.model.name}: {metrics['num_samples']} slices"
+    write_classification_outputs(out, metrics, records, title=title.format(n=metrics["num_samples"]))
+    return metrics

@@ -1,0 +1,230 @@
+"""The training loop every task runs (detectron2's ``TrainerBase`` shape: one loop, a
+pluggable step).
+
+:func:`run_loop` owns the run: the batch plan, seeding of the loaders, resume position,
+the time limit, the JSONL log, checkpoints (``epoch-NNNN/`` and ``checkpoint/``) and
+validation. What one iteration does is a *step* (``engine/steps.py``): an object with
+``run(samples, index, total, epoch, step) -> record | None`` (``None``: nothing was
+learned from the batch, e.g. a lesion-free segmentation batch, and the step counter stays),
+``resume_state()`` (extra state saved with each checkpoint) and ``validate(dataset, ...)``.
+
+Exact resume rests on three things: the sample order of an epoch is a pure function of
+``(seed, epoch)``; the global torch RNG (torchvision's RPN/RoI samplers draw from it) is
+saved with each checkpoint; and the position inside the epoch is saved too, so a run
+stopped by its time limit continues with the very next batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..data.sample import collate_samples
+from ..errors import ConfigError, NonFiniteLossError
+from .checkpoint import save_checkpoint
+from .io import write_json
+
+__all__ = [
+    "NonFiniteLossError", "TrainResult", "TrainStep", "LoopState", "run_loop", "resolve_device", "epoch_order",
+    "scheduled_lr", "seed_everything", "rng_state", "set_rng_state", "save_epoch", "check_finite",
+]
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    checkpoint: Path
+    epochs_done: int
+    steps: int
+    stopped_early: bool
+    seconds: float
+    last_losses: dict[str, float]
+
+
+@dataclass
+class LoopState:
+    """Where a run is: completed epochs, batches done in the current epoch, optimiser steps."""
+
+    epoch: int = 0
+    batch_pos: int = 0
+    step: int = 0
+
+
+class TrainStep(Protocol):
+    """One training iteration of a task (see ``engine/steps.py``)."""
+
+    def run(self, samples: list, index: int, total: int, epoch: int, step: int) -> dict | None: ...
+
+    def resume_state(self) -> dict: ...
+
+    def validate(self, dataset, device: torch.device, progress: bool) -> tuple[dict, dict, str]: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled sample order of one epoch, a pure function of (seed, epoch)."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(num_samples, generator=gen).tolist()
+
+
+def scheduled_lr(tc, step: int, total_steps: int) -> float:
+    """Learning rate for optimiser step ``step`` (0-based): a pure function of the step,
+    so a resumed run needs no scheduler state."""
+    if tc.lr_schedule == "constant":
+        return tc.lr
+    if tc.lr_schedule == "cosine":
+        progress = min(step / max(total_steps, 1), 1.0)
+        return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    raise ConfigError(f"train.lr_schedule must be 'constant' or 'cosine', not {tc.lr_schedule!r}")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_finite(loss: torch.Tensor, what: str, epoch: int, step: int, ids: list[str], terms: dict) -> None:
+    """Raise :class:`NonFiniteLossError` naming the batch when ``loss`` is NaN or infinite."""
+    if not math.isfinite(float(loss.detach())):
+        raise NonFiniteLossError(f"non-finite {what}loss at epoch {epoch + 1}, step {step + 1}, "
+                                 f"samples {ids}: {terms}")
+
+
+def save_epoch(out_dir: Path, epoch: int, tc, checkpoint, validate=None) -> None:
+    """End of epoch ``epoch`` (counted from 1): write ``epoch-NNNN/`` and ``checkpoint/``
+    every ``save_every`` epochs, at the last one, and whenever ``validate`` runs (every
+    ``eval_every`` epochs and at the last), so a ``metrics.json`` sits next to the weights it
+    scored. ``checkpoint(path, epoch, batch_pos)`` saves; ``validate(saved_folder)`` scores."""
+    final = epoch == tc.epochs
+    scoring = validate is not None and (epoch % tc.eval_every == 0 or final)
+    if epoch % tc.save_every == 0 or final or scoring:
+        saved = checkpoint(out_dir / f"epoch-{epoch:04d}", epoch, 0)
+        checkpoint(out_dir / "checkpoint", epoch, 0)
+        if scoring:
+            validate(saved)
+
+
+def _batch_plan(num_samples: int, tc) -> int:
+    """Batches per epoch: the whole dataset in ``batch_size`` batches, capped by
+    ``max_steps_per_epoch``."""
+    per_epoch = math.ceil(num_samples / tc.batch_size)
+    return per_epoch if tc.max_steps_per_epoch is None else min(per_epoch, tc.max_steps_per_epoch)
+
+
+def _epoch_loader(dataset, tc, epoch: int, per_epoch: int, first: int) -> DataLoader:
+    order = epoch_order(len(dataset), tc.seed, epoch)
+    batches = [order[i:i + tc.batch_size] for i in range(0, len(order), tc.batch_size)][:per_epoch]
+    # The loader gets its own generator: creating an iterator otherwise draws a seed from
+    # the global RNG, and a resumed run creates one more iterator than a straight run.
+    return DataLoader(dataset, batch_sampler=batches[first:], collate_fn=collate_samples,
+                      num_workers=tc.num_workers, generator=torch.Generator().manual_seed(tc.seed + epoch))
+
+
+def _validation(step: TrainStep, dataset, device, log, progress: bool) -> Callable[[Path, int, int], None]:
+    """``validate(saved_folder, epoch, step)``: score, log a summary line, write ``metrics.json``.
+
+    Runs after the checkpoint is written, and draws nothing from the global RNG, so a
+    resumed run trains exactly as an uninterrupted one.
+    """
+
+    def validate(saved: Path, epoch: int, step_count: int) -> None:
+        metrics, summary, message = step.validate(dataset, device, progress)
+        write_json(saved / "metrics.json", metrics)
+        log.write(json.dumps({"event": "validation", "epoch": epoch, "step": step_count, **summary}) + "\n")
+        if progress:
+            tqdm.write(f"epoch {epoch}: validation {message}")
+
+    return validate
+
+
+def run_loop(cfg, out_dir: Path, model: torch.nn.Module, dataset, step: TrainStep, optimizer, *,
+             task: str, start: float, state: LoopState, val_dataset=None, device=None,
+             progress: bool = True, resumed: bool = False) -> TrainResult:
+    """Run ``step`` over the batch plan of ``dataset`` from ``state`` to ``cfg.train.epochs``.
+
+    Writes ``train_log.jsonl`` (the step's records, one per iteration), ``epoch-NNNN/`` and
+    ``checkpoint/`` (with the optimiser, RNG, position and the step's resume state), and at
+    a time-limit stop ``checkpoint/`` at the exact position reached.
+    """
+    tc = cfg.train
+    log = open(out_dir / "train_log.jsonl", "a", buffering=1)
+    if resumed:
+        log.write(json.dumps({"event": "resume", "epoch": state.epoch, "batch_pos": state.batch_pos,
+                              "step": state.step}) + "\n")
+
+    def checkpoint(path: Path, epoch_: int, batch_pos_: int) -> Path:
+        train_state: dict[str, Any] = {"epoch": epoch_, "batch_pos": batch_pos_, "step": state.step,
+                                       "optimizer": optimizer.state_dict(), "rng": rng_state(),
+                                       **step.resume_state()}
+        return save_checkpoint(path, model, cfg, epoch=epoch_, step=state.step, train_state=train_state, task=task)
+
+    validate = None if val_dataset is None else _validation(step, val_dataset, device, log, progress)
+    per_epoch = _batch_plan(len(dataset), tc)
+    total = tc.epochs * per_epoch
+    last: dict = {}
+    stopped_early = False
+    bar = tqdm(total=total, initial=state.epoch * per_epoch + state.batch_pos, disable=not progress,
+               desc="train", unit="step", dynamic_ncols=True)
+    try:
+        while state.epoch < tc.epochs:
+            for samples in _epoch_loader(dataset, tc, state.epoch, per_epoch, state.batch_pos):
+                if tc.time_limit_s is not None and time.monotonic() - start > tc.time_limit_s:
+                    stopped_early = True
+                    break
+                index = state.epoch * per_epoch + state.batch_pos
+                state.batch_pos += 1
+                bar.update(1)
+                record = step.run(samples, index, total, state.epoch, state.step)
+                if record is None:
+                    continue
+                state.step += 1
+                last = record
+                log.write(json.dumps(record) + "\n")
+                bar.set_postfix(epoch=state.epoch + 1, **{k: f"{record[k]:.3f}" for k in ("loss", "cls_loss", "seg_loss")
+                                                          if k in record})
+            if stopped_early:
+                break
+            state.epoch, state.batch_pos = state.epoch + 1, 0
+            epoch = state.epoch
+            save_epoch(out_dir, epoch, tc, checkpoint,
+                       None if validate is None else lambda saved: validate(saved, epoch, state.step))
+    finally:
+        bar.close()
+        log.close()
+    if stopped_early:
+        checkpoint(out_dir / "checkpoint", state.epoch, state.batch_pos)
+    losses = {k: v for k, v in last.items() if isinstance(v, float)}
+    return TrainResult(out_dir, out_dir / "checkpoint", state.epoch, state.step, stopped_early,
+                       time.monotonic() - start, losses)

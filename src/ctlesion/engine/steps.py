@@ -1,0 +1,306 @@
+"""What one training iteration does, per task; :func:`~ctlesion.engine.loop.run_loop` runs them.
+
+* :class:`SegmentationStep`: a batch of labelled slices, stock Mask R-CNN losses, Adam
+  (lesion-free slices skipped, as the papers did).
+* :class:`ClassificationStep`: every slice classifier, CTM stage 2, the Single-Shot Model,
+  the mask-feature models and the benchmark CNNs (spec §4.5, §5.2, §6.3, §7.5). Each
+  iteration takes one batch of classification images (``train.batch_size``: 8 for CTM, 1 for
+  the joint models). For joint models (``has_segmentation`` and ``train.joint``) a
+  segmentation step comes first:
+
+  1. **Segmentation step.** One image drawn uniformly, with replacement, from ``seg_data``
+     (a pure function of ``(seed, step)``, so resume is exact). Lesion-free images are
+     skipped, as in the original. Model in train mode, stock Mask R-CNN losses, backward;
+     only the detector keeps its gradients. The copy rule (``train.copy_rule``) may copy the
+     segmentation RoI branch into the classification branch *before* the optimiser step
+     (spec §5.2, §11.9). Adam step.
+  2. **Classification step.** ``model.classification_mode(train.cls_bn)``: everything in eval
+     mode except the head (and, for ``cls_bn="batch"``, the backbone). Per-class BCE on one-hot
+     labels. Parameters outside ``train.update_rule`` get ``grad=None``, so Adam neither moves
+     them nor applies weight decay (zeroed gradients would still move them).
+
+  One Adam optimiser over all parameters is stepped by both (the original's design).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from ..config import ExperimentConfig
+from ..data.sample import Sample
+from ..errors import ConfigError, DataError, NonFiniteLossError
+from ..models.classifier import SliceClassifier, trainable_names
+from ..models.rcnn_classifier import one_hot_bce
+from .checkpoint import WEIGHTS, read_meta
+from .evaluate import evaluate_segmentation
+from .evaluate_classifier import evaluate_classifier
+from .labels import check_dataset_classes, slice_labels
+from .loop import check_finite, scheduled_lr
+
+__all__ = [
+    "COPY_RULES", "FAMILY_DEFAULTS", "CopyRule", "SegmentationStep", "ClassificationStep", "seg_index",
+    "init_from_checkpoint", "resolve_auto_settings", "prepare_classifier",
+]
+
+COPY_RULES = ("none", "once", "running_min", "previous", "every")
+
+# What the original code (or, where there is none, the paper) does per family, used for
+# the "auto" settings: (update_rule, copy_rule for a separate branch, cls_bn).
+FAMILY_DEFAULTS = {
+    "ctm": ("s_bn", "none", "eval"),              # spec §4.5: S+BN is the mode in code
+    "ssm": ("s_backbone", "running_min", "eval"),  # spec §5.2: rule 2, running-minimum copy
+    "affinity": ("s_backbone", "every", "eval"),   # spec §6.3, §10 #14: paper copies every step
+    "attention": ("s_backbone", "previous", "batch"),  # spec §7.5: LSTM code
+    "lstm1": ("s_backbone", "previous", "batch"),
+    "lstm2": ("s_backbone", "previous", "batch"),
+    "cnn": ("full", "none", "batch"),             # an ordinary CNN: train all, BN batch statistics
+}
+
+
+def resolve_auto_settings(cfg: ExperimentConfig) -> None:
+    """Replace ``"auto"`` in ``train.update_rule / copy_rule / cls_bn`` by the family's
+    original setting (in place; the resolved values are what config.yaml records)."""
+    kind = cfg.model.classifier.kind
+    if kind not in FAMILY_DEFAULTS:
+        raise ConfigError(f"model {cfg.model.name!r} is not a slice classifier (classifier.kind={kind!r})")
+    update, copy_rule, cls_bn = FAMILY_DEFAULTS[kind]
+    tc = cfg.train
+    if tc.update_rule == "auto":
+        tc.update_rule = update
+    if tc.copy_rule == "auto":
+        tc.copy_rule = copy_rule if cfg.model.classifier.branch == "separate" else "none"
+    if tc.cls_bn == "auto":
+        tc.cls_bn = cls_bn
+
+
+class CopyRule:
+    """When the segmentation branch is copied into the classification branch.
+
+    ``running_min`` (SSM code): copy when L_SEG is below the lowest value seen so far
+    (initially 10,000, carried across epochs). ``previous`` (LSTM code): copy when L_SEG is
+    below the previous iteration's value (initially 1,000; overwritten every time).
+    ``every`` (Affinity paper): every segmentation step. ``once``: before training only.
+    """
+
+    def __init__(self, rule: str, state: dict | None = None) -> None:
+        if rule not in COPY_RULES:
+            raise ConfigError(f"train.copy_rule must be one of {COPY_RULES}, not {rule!r}")
+        self.rule = rule
+        self.reference = {"running_min": 10_000.0, "previous": 1_000.0}.get(rule)
+        if state is not None:
+            self.reference = state.get("reference", self.reference)
+
+    def should_copy(self, seg_loss: float) -> bool:
+        if self.rule == "every":
+            return True
+        if self.rule == "running_min":
+            if seg_loss < self.reference:
+                self.reference = seg_loss
+                return True
+            return False
+        if self.rule == "previous":
+            better = seg_loss < self.reference
+            self.reference = seg_loss
+            return better
+        return False
+
+    def state(self) -> dict:
+        return {"rule": self.rule, "reference": self.reference}
+
+
+def seg_index(num_samples: int, seed: int, step: int) -> int:
+    """The segmentation image of iteration ``step``: uniform with replacement, a pure
+    function of (seed, step) so that a resumed run draws the same images."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step + 7)
+    return int(torch.randint(num_samples, (1,), generator=gen))
+
+
+def init_from_checkpoint(model: torch.nn.Module, path: str | Path) -> dict:
+    """Copy every weight of checkpoint ``path`` whose name and shape match ``model``.
+
+    A segmentation checkpoint's keys are looked up under ``detector.`` (it fills the
+    detector of a CTM/SSM/mask-feature model). Returns ``{"loaded", "skipped_shape",
+    "missing"}`` name lists: ``skipped_shape`` are weights present in both with different
+    shapes (e.g. the last layer when fine-tuning 3 classes -> 2), ``missing`` are the
+    model's weights the checkpoint does not have (they keep their initialisation).
+    """
+    path = Path(path)
+    meta = read_meta(path)
+    source = load_file(str(path / WEIGHTS))
+    target = model.state_dict()
+    if meta.get("task") == "segmentation" and any(k.startswith("detector.") for k in target):
+        source = {f"detector.{k}": v for k, v in source.items()}
+    loaded, skipped = [], []
+    new_state = {}
+    for name, value in source.items():
+        if name not in target:
+            continue
+        if target[name].shape != value.shape:
+            skipped.append(name)
+            continue
+        new_state[name] = value
+        loaded.append(name)
+    if not loaded:
+        raise ConfigError(f"{path}: no weight of this checkpoint ({meta.get('model_name')}) fits "
+                          f"model {getattr(model.config, 'name', type(model).__name__)}")
+    model.load_state_dict(new_state, strict=False)
+    missing = [n for n in target if n not in new_state and not n.endswith("num_batches_tracked")]
+    return {"source": str(path), "source_model": meta.get("model_name"), "loaded": loaded,
+            "skipped_shape": skipped, "missing": missing}
+
+
+def _losses_backward(model, optimizer, images, targets, what: str, epoch: int, step: int, ids: list[str]):
+    """Stock Mask R-CNN training forward and backward: ``(total, terms)``; a non-finite
+    total raises naming the batch. Gradients are fresh (``zero_grad(set_to_none=True)``)."""
+    losses = model(images, targets)
+    total = sum(losses.values())
+    terms = {k: float(v.detach()) for k, v in losses.items()}
+    check_finite(total, what, epoch, step, ids, terms)
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    return total, terms
+
+
+def _set_lr(optimizer, tc, index: int, total: int) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = scheduled_lr(tc, index, total)
+
+
+def _on_device(sample: Sample, device) -> tuple[torch.Tensor, dict]:
+    return sample.image.to(device), {k: v.to(device) for k, v in sample.target.items()}
+
+
+class SegmentationStep:
+    """One detector update on a batch of labelled slices (``train.skip_negatives`` drops
+    lesion-free slices; a batch left empty makes no step)."""
+
+    def __init__(self, model, optimizer, cfg: ExperimentConfig, device) -> None:
+        self.model, self.optimizer, self.cfg, self.device = model, optimizer, cfg, device
+
+    def run(self, samples: list[Sample], index: int, total: int, epoch: int, step: int) -> dict | None:
+        for s in samples:
+            if s.target is None:
+                raise DataError(f"{s.source}: training needs labelled slices, but {s.sample_id} has no mask")
+        if self.cfg.train.skip_negatives:
+            samples = [s for s in samples if len(s.target["boxes"]) > 0]
+        if not samples:
+            return None
+        self.model.train()
+        images, targets = zip(*(_on_device(s, self.device) for s in samples))
+        ids = [s.sample_id for s in samples]
+        loss, terms = _losses_backward(self.model, self.optimizer, list(images), list(targets), "", epoch, step, ids)
+        _set_lr(self.optimizer, self.cfg.train, index, total)
+        self.optimizer.step()
+        return {"epoch": epoch + 1, "step": step + 1, "samples": ids, "loss": float(loss.detach()), **terms,
+                "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def resume_state(self) -> dict:
+        return {}
+
+    def validate(self, dataset, device, progress: bool) -> tuple[dict, dict, str]:
+
+        metrics, _ = evaluate_segmentation(self.model, dataset, self.cfg.eval, device, progress=progress)
+        summary = {f"legacy_{k}": metrics["legacy"][k] for k in ("AP50", "AP75", "mAP")}
+        summary.update({f"coco_segm_{k}": metrics["coco"]["segm"][k] for k in ("AP", "AP50", "AP75")})
+        return metrics, summary, (f"legacy mAP {summary['legacy_mAP']:.4f}, "
+                                  f"COCO segm AP {summary['coco_segm_AP']:.4f}")
+
+
+def prepare_classifier(model, cfg: ExperimentConfig, dataset, out_dir: Path, resumed: bool, progress: bool) -> None:
+    """Before the optimiser exists: check the model and labels, then (new runs) initialise
+    from ``train.init_from`` (``init.json`` lists what was loaded and skipped) and make the
+    ``once`` / initialised copy of the segmentation branch."""
+    tc = cfg.train
+    if not isinstance(model, SliceClassifier):
+        raise ConfigError(f"{cfg.model.name} is a segmentation model; use train_segmentation for detectors")
+    check_dataset_classes(dataset, model, "data")
+    if resumed:
+        return
+    if tc.init_from:
+        report = init_from_checkpoint(model, tc.init_from)
+        (out_dir / "init.json").write_text(json.dumps(report, indent=2) + "\n")
+        if progress:
+            tqdm.write(f"initialised {len(report['loaded'])} tensors from {tc.init_from}; "
+                       f"{len(report['skipped_shape'])} skipped (shape differs): {report['skipped_shape'][:4]}")
+    if tc.copy_rule == "once" or (tc.copy_rule != "none" and tc.init_from):
+        model.copy_segmentation_branch()
+
+
+class ClassificationStep:
+    """One classifier iteration: for joint models a segmentation step on one ``seg_data``
+    image (with the copy rule), then the classification step (see the module docstring)."""
+
+    def __init__(self, model, optimizer, cfg: ExperimentConfig, device, seg_dataset=None,
+                 copy_state: dict | None = None) -> None:
+        self.model, self.optimizer, self.cfg, self.device = model, optimizer, cfg, device
+        self.seg_dataset = seg_dataset
+        self.copier = CopyRule(cfg.train.copy_rule, copy_state)
+        self.params = dict(model.named_parameters())
+        self.detector_names = {n for n in self.params if n.startswith("detector.")}
+        self.trainable = trainable_names(model, cfg.train.update_rule, cfg.train.bn_params)
+
+    def _keep_grads(self, names: set[str]) -> None:
+        for name, p in self.params.items():
+            if name not in names:
+                p.grad = None  # frozen for this step: no momentum, no weight decay
+
+    def _segmentation(self, index: int, total: int, epoch: int, step: int) -> dict:
+        tc = self.cfg.train
+        sample = self.seg_dataset[seg_index(len(self.seg_dataset), tc.seed, step)]
+        if sample.target is None:
+            raise DataError(f"{sample.source}: seg_data needs masks ({sample.sample_id})")
+        record: dict = {"seg_sample": sample.sample_id}
+        if len(sample.target["boxes"]) == 0:
+            return record
+        self.model.train()
+        image, target = _on_device(sample, self.device)
+        seg_total, terms = _losses_backward(self.model.segmentation_losses, self.optimizer, [image], [target],
+                                            "segmentation ", epoch, step, [sample.sample_id])
+        self._keep_grads(self.detector_names)  # only the detector learns from L_SEG
+        copied = self.copier.should_copy(float(seg_total.detach())) and self.model.copy_segmentation_branch()
+        _set_lr(self.optimizer, tc, index, total)
+        self.optimizer.step()
+        return {**record, "seg_loss": float(seg_total.detach()), **terms, "copied": bool(copied)}
+
+    def run(self, samples: list[Sample], index: int, total: int, epoch: int, step: int) -> dict:
+        tc = self.cfg.train
+        record: dict = {"epoch": epoch + 1, "step": step + 1}
+        if self.seg_dataset is not None:
+            record.update(self._segmentation(index, total, epoch, step))
+        labels = slice_labels(samples, self.model.class_names).to(self.device)
+        ids = [s.sample_id for s in samples]
+        # A NaN pixel empties the RPN's output, and an empty RoI batch is all zeros:
+        # the loss would stay finite and the step train on nothing. Stop here instead.
+        bad = [s.sample_id for s in samples if not bool(torch.isfinite(s.image).all())]
+        if bad:
+            raise NonFiniteLossError(f"non-finite pixels in classification samples {bad} at epoch "
+                                     f"{epoch + 1}, step {step + 1}")
+        self.model.classification_mode(tc.cls_bn)
+        out = self.model([s.image.to(self.device) for s in samples])
+        cls_loss = one_hot_bce(out.logits, labels)
+        check_finite(cls_loss, "classification ", epoch, step, ids, {"cls_loss": float(cls_loss.detach())})
+        self.optimizer.zero_grad(set_to_none=True)
+        cls_loss.backward()
+        self._keep_grads(self.trainable)
+        _set_lr(self.optimizer, tc, index, total)
+        self.optimizer.step()
+        accuracy = float((out.logits.detach().argmax(1) == labels).float().mean())
+        record.update({"samples": ids, "cls_loss": float(cls_loss.detach()), "cls_accuracy": accuracy,
+                       "lr": self.optimizer.param_groups[0]["lr"]})
+        return record
+
+    def resume_state(self) -> dict:
+        return {"copy": self.copier.state()}
+
+    def validate(self, dataset, device, progress: bool) -> tuple[dict, dict, str]:
+
+        metrics, _ = evaluate_classifier(self.model, dataset, device, eval_cfg=self.cfg.eval,
+                                         cls_bn=self.cfg.train.cls_bn, progress=progress)
+        summary = {k: metrics[k] for k in ("overall_accuracy", "f1_weighted", "f1_macro")}
+        return metrics, summary, (f"accuracy {summary['overall_accuracy']:.4f}, "
+                                  f"weighted F1 {summary['f1_weighted']:.4f}")
