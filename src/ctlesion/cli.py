@@ -40,16 +40,35 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launch_torchrun(args: argparse.Namespace) -> int:
+    """``ctlesion train --nproc N``: the same command on N processes under torchrun."""
+    import os
+    import subprocess
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "ctlesion", "train", args.config, "--out", args.out,
+               *(f"--set={item}" for item in args.set), *(["--quiet"] if args.quiet else [])]
+    if args.resume is not None:
+        command += ["--resume"] + ([] if args.resume == "latest" else [args.resume])
+    return subprocess.call(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .experiment import load_experiment
+    import os
+
     from .engine.train import train
+    from .experiment import load_experiment
     from .registry import get_entry
 
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_torchrun(args)
     cfg = load_experiment(args.config, args.set)
     resume = False
     if args.resume is not None:
         resume = True if args.resume == "latest" else Path(args.resume)
     result = train(cfg, args.out, resume=resume, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     if get_entry(cfg.model.name).task == "segmentation":
         last = f"last loss {result.last_losses.get('loss', float('nan')):.4f}"
     else:
@@ -206,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (config, log, checkpoints)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
                    help="continue from OUT/checkpoint, or from the given checkpoint folder")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="train on N processes (torchrun, DistributedDataParallel-style gradient averaging: "
+                        "NCCL on GPUs, gloo on CPU); train.batch_size is per process")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 

@@ -230,6 +230,17 @@ class TrainConfig:
     # Joint models: run a segmentation step (one image from seg_data) before each
     # classification step.
     joint: bool = True
+    # --- speed and scale (engine/distributed.py) ---
+    # Mixed precision of the forward passes: "off", "bf16" (CPU and GPU) or "fp16" (GradScaler,
+    # its state saved with the checkpoint).
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    # Convolutions in channels-last memory format (faster on most GPUs and recent CPUs).
+    channels_last: bool = False
+    # Under torchrun: BatchNorm statistics over the global batch (CUDA only); per rank otherwise.
+    sync_bn: bool = False
+    # Also log every loss term, the lr and validation metrics (and a few overlays) to TensorBoard
+    # (OUT/tensorboard/; needs the `tensorboard` package).
+    tensorboard: bool = False
 
 
 @dataclass

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ..data.sample import collate_samples
 from ..errors import ConfigError, NonFiniteLossError
 from .checkpoint import save_checkpoint
+from .distributed import World, any_rank, barrier, gather_objects
 from .io import write_json
 
 __all__ = [
@@ -136,23 +137,68 @@ def save_epoch(out_dir: Path, epoch: int, tc, checkpoint, validate=None) -> None
             validate(saved)
 
 
-def _batch_plan(num_samples: int, tc) -> int:
-    """Batches per epoch: the whole dataset in ``batch_size`` batches, capped by
-    ``max_steps_per_epoch``."""
-    per_epoch = math.ceil(num_samples / tc.batch_size)
+def _batch_plan(num_samples: int, tc, world: World) -> int:
+    """Iterations per epoch: the whole dataset in global batches of ``batch_size`` x ranks,
+    capped by ``max_steps_per_epoch``. Under torchrun a last global batch too small to
+    give every rank a slice is left out."""
+    size = tc.batch_size * world.size
+    per_epoch = math.ceil(num_samples / size) if world.size == 1 else (num_samples - world.size) // size + 1
     return per_epoch if tc.max_steps_per_epoch is None else min(per_epoch, tc.max_steps_per_epoch)
 
 
-def _epoch_loader(dataset, tc, epoch: int, per_epoch: int, first: int) -> DataLoader:
+def _epoch_loader(dataset, tc, epoch: int, per_epoch: int, first: int, world: World) -> DataLoader:
+    """This rank's batches of epoch ``epoch`` from batch ``first`` on: the same global order
+    as one process (``epoch_order``), each global batch of ``batch_size`` x ranks split
+    into consecutive per-rank slices."""
     order = epoch_order(len(dataset), tc.seed, epoch)
-    batches = [order[i:i + tc.batch_size] for i in range(0, len(order), tc.batch_size)][:per_epoch]
+    size = tc.batch_size * world.size
+    batches = [order[i:i + size] for i in range(0, len(order), size)][:per_epoch]
+    if world.distributed:
+        batches = [_rank_slice(b, world) for b in batches]
     # The loader gets its own generator: creating an iterator otherwise draws a seed from
     # the global RNG, and a resumed run creates one more iterator than a straight run.
     return DataLoader(dataset, batch_sampler=batches[first:], collate_fn=collate_samples,
                       num_workers=tc.num_workers, generator=torch.Generator().manual_seed(tc.seed + epoch))
 
 
-def _validation(step: TrainStep, dataset, device, log, progress: bool) -> Callable[[Path, int, int], None]:
+def _rank_slice(batch: list[int], world: World) -> list[int]:
+    """Rank ``r``'s consecutive share of a global batch (sizes differ by at most one)."""
+    per, extra = divmod(len(batch), world.size)
+    start = world.rank * per + min(world.rank, extra)
+    return batch[start:start + per + (world.rank < extra)]
+
+
+class _Log:
+    """``train_log.jsonl`` (and TensorBoard), written by rank 0 only."""
+
+    def __init__(self, out_dir: Path, world: World, tensorboard: bool) -> None:
+        self.file = open(out_dir / "train_log.jsonl", "a", buffering=1) if world.main else None
+        self.board = None
+        if tensorboard and world.main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("train.tensorboard needs the tensorboard package (pip install tensorboard)") from None
+            self.board = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        if self.board is not None and "step" in record:
+            prefix = "validation/" if record.get("event") == "validation" else "train/"
+            for key, value in record.items():
+                if isinstance(value, float) and key not in ("epoch", "step"):
+                    self.board.add_scalar(prefix + key, value, record["step"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.board is not None:
+            self.board.close()
+
+
+def _validation(step: TrainStep, dataset, device, log, progress: bool, world: World) -> Callable[[Path, int, int], None]:
     """``validate(saved_folder, epoch, step)``: score, log a summary line, write ``metrics.json``.
 
     Runs after the checkpoint is written, and draws nothing from the global RNG, so a
@@ -160,18 +206,20 @@ def _validation(step: TrainStep, dataset, device, log, progress: bool) -> Callab
     """
 
     def validate(saved: Path, epoch: int, step_count: int) -> None:
-        metrics, summary, message = step.validate(dataset, device, progress)
-        write_json(saved / "metrics.json", metrics)
-        log.write(json.dumps({"event": "validation", "epoch": epoch, "step": step_count, **summary}) + "\n")
-        if progress:
-            tqdm.write(f"epoch {epoch}: validation {message}")
+        if world.main:
+            metrics, summary, message = step.validate(dataset, device, progress)
+            write_json(saved / "metrics.json", metrics)
+            log.write({"event": "validation", "epoch": epoch, "step": step_count, **summary})
+            if progress:
+                tqdm.write(f"epoch {epoch}: validation {message}")
+        barrier(world)
 
     return validate
 
 
 def run_loop(cfg, out_dir: Path, model: torch.nn.Module, dataset, step: TrainStep, optimizer, *,
              task: str, start: float, state: LoopState, val_dataset=None, device=None,
-             progress: bool = True, resumed: bool = False) -> TrainResult:
+             progress: bool = True, resumed: bool = False, world: World = World()) -> TrainResult:
     """Run ``step`` over the batch plan of ``dataset`` from ``state`` to ``cfg.train.epochs``.
 
     Writes ``train_log.jsonl`` (the step's records, one per iteration), ``epoch-NNNN/`` and
@@ -179,28 +227,33 @@ def run_loop(cfg, out_dir: Path, model: torch.nn.Module, dataset, step: TrainSte
     a time-limit stop ``checkpoint/`` at the exact position reached.
     """
     tc = cfg.train
-    log = open(out_dir / "train_log.jsonl", "a", buffering=1)
+    log = _Log(out_dir, world, tc.tensorboard)
     if resumed:
-        log.write(json.dumps({"event": "resume", "epoch": state.epoch, "batch_pos": state.batch_pos,
-                              "step": state.step}) + "\n")
+        log.write({"event": "resume", "epoch": state.epoch, "batch_pos": state.batch_pos, "step": state.step})
 
     def checkpoint(path: Path, epoch_: int, batch_pos_: int) -> Path:
         train_state: dict[str, Any] = {"epoch": epoch_, "batch_pos": batch_pos_, "step": state.step,
                                        "optimizer": optimizer.state_dict(), "rng": rng_state(),
                                        **step.resume_state()}
-        return save_checkpoint(path, model, cfg, epoch=epoch_, step=state.step, train_state=train_state, task=task)
+        if world.distributed:   # every rank's RNG, so a resumed run samples as an uninterrupted one
+            train_state["rng_ranks"] = gather_objects(train_state["rng"], world)
+        if world.main:
+            save_checkpoint(path, model, cfg, epoch=epoch_, step=state.step, train_state=train_state, task=task)
+        barrier(world)
+        return path
 
-    validate = None if val_dataset is None else _validation(step, val_dataset, device, log, progress)
-    per_epoch = _batch_plan(len(dataset), tc)
+    validate = None if val_dataset is None else _validation(step, val_dataset, device, log, progress, world)
+    per_epoch = _batch_plan(len(dataset), tc, world)
     total = tc.epochs * per_epoch
     last: dict = {}
     stopped_early = False
-    bar = tqdm(total=total, initial=state.epoch * per_epoch + state.batch_pos, disable=not progress,
+    bar = tqdm(total=total, initial=state.epoch * per_epoch + state.batch_pos, disable=not (progress and world.main),
                desc="train", unit="step", dynamic_ncols=True)
     try:
         while state.epoch < tc.epochs:
-            for samples in _epoch_loader(dataset, tc, state.epoch, per_epoch, state.batch_pos):
-                if tc.time_limit_s is not None and time.monotonic() - start > tc.time_limit_s:
+            for samples in _epoch_loader(dataset, tc, state.epoch, per_epoch, state.batch_pos, world):
+                late = tc.time_limit_s is not None and time.monotonic() - start > tc.time_limit_s
+                if any_rank(late, world, device):      # every rank stops at the same batch
                     stopped_early = True
                     break
                 index = state.epoch * per_epoch + state.batch_pos
@@ -211,7 +264,7 @@ def run_loop(cfg, out_dir: Path, model: torch.nn.Module, dataset, step: TrainSte
                     continue
                 state.step += 1
                 last = record
-                log.write(json.dumps(record) + "\n")
+                log.write(record)
                 bar.set_postfix(epoch=state.epoch + 1, **{k: f"{record[k]:.3f}" for k in ("loss", "cls_loss", "seg_loss")
                                                           if k in record})
             if stopped_early:

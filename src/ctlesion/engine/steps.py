@@ -40,11 +40,12 @@ from .checkpoint import WEIGHTS, read_meta
 from .evaluate import evaluate_segmentation
 from .evaluate_classifier import evaluate_classifier
 from .labels import check_dataset_classes, slice_labels
+from .distributed import World, any_rank, average_gradients, mean_over_ranks
 from .loop import check_finite, scheduled_lr
 
 __all__ = [
     "COPY_RULES", "FAMILY_DEFAULTS", "CopyRule", "SegmentationStep", "ClassificationStep", "seg_index",
-    "init_from_checkpoint", "resolve_auto_settings", "prepare_classifier",
+    "init_from_checkpoint", "resolve_auto_settings", "prepare_classifier", "Updater", "SEG_TERMS",
 ]
 
 COPY_RULES = ("none", "once", "running_min", "previous", "every")
@@ -154,33 +155,80 @@ def init_from_checkpoint(model: torch.nn.Module, path: str | Path) -> dict:
             "skipped_shape": skipped, "missing": missing}
 
 
-def _losses_backward(model, optimizer, images, targets, what: str, epoch: int, step: int, ids: list[str]):
-    """Stock Mask R-CNN training forward and backward: ``(total, terms)``; a non-finite
-    total raises naming the batch. Gradients are fresh (``zero_grad(set_to_none=True)``)."""
-    losses = model(images, targets)
-    total = sum(losses.values())
-    terms = {k: float(v.detach()) for k, v in losses.items()}
-    check_finite(total, what, epoch, step, ids, terms)
-    optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    return total, terms
-
-
-def _set_lr(optimizer, tc, index: int, total: int) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = scheduled_lr(tc, index, total)
+# The stock Mask R-CNN loss terms (in this order in logs averaged over ranks).
+SEG_TERMS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 
 
 def _on_device(sample: Sample, device) -> tuple[torch.Tensor, dict]:
     return sample.image.to(device), {k: v.to(device) for k, v in sample.target.items()}
 
 
+class Updater:
+    """One optimiser update from a loss, the same for every step: fresh gradients, backward
+    (scaled under fp16), only the ``keep`` parameters keep their gradients (the others get
+    ``grad=None``: no Adam step, no weight decay), gradients averaged over ranks, the lr of
+    the schedule, the optimiser step. Under ``train.amp`` the forward runs in :meth:`autocast`.
+
+    ``update(loss, weight)``: ``loss`` is this rank's mean loss over ``weight`` samples
+    (``None`` and 0 when it has none; the rank still takes part). The global mean loss is
+    checked for NaN/inf on every rank, so all of them stop together with the batch named.
+    """
+
+    def __init__(self, model, optimizer, cfg: ExperimentConfig, device, world: World,
+                 scaler_state: dict | None = None) -> None:
+        self.model, self.optimizer, self.tc, self.device, self.world = model, optimizer, cfg.train, device, world
+        self.named = dict(model.named_parameters())
+        self.params = list(self.named.values())
+        amp = cfg.train.amp
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+        if self.scaler is not None and scaler_state:
+            self.scaler.load_state_dict(scaler_state)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+    def mean(self, values: dict[str, float], weight: float) -> dict[str, float]:
+        """Per-rank numbers as their sample-weighted mean over ranks (for the log)."""
+        return {k: mean_over_ranks(v, weight, self.world, self.device) for k, v in values.items()}
+
+    def update(self, loss, weight: float, keep: set[str] | None, *, what: str, epoch: int, step: int, ids: list[str],
+               terms: dict, index: int, total: int, before_step=None) -> float | None:
+        """Returns the global mean loss (``None``: no rank had a sample, nothing changed)."""
+        local = float(loss.detach()) if loss is not None else 0.0
+        total_weight = any_rank(weight > 0, self.world, self.device)
+        if not total_weight:
+            return None
+        mean = mean_over_ranks(local, weight, self.world, self.device)
+        check_finite(torch.tensor(mean), what, epoch, step, ids, terms)
+        self.optimizer.zero_grad(set_to_none=True)
+        if loss is not None:
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if keep is not None:
+            for name, p in self.named.items():
+                if name not in keep:
+                    p.grad = None
+        average_gradients(self.params, self.world, weight)
+        result = before_step(mean) if before_step is not None else None
+        for group in self.optimizer.param_groups:
+            group["lr"] = scheduled_lr(self.tc, index, total)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return mean if result is None else (mean, result)
+
+    def state(self) -> dict:
+        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+
+
 class SegmentationStep:
     """One detector update on a batch of labelled slices (``train.skip_negatives`` drops
-    lesion-free slices; a batch left empty makes no step)."""
+    lesion-free slices; a batch left empty on every rank makes no step)."""
 
-    def __init__(self, model, optimizer, cfg: ExperimentConfig, device) -> None:
-        self.model, self.optimizer, self.cfg, self.device = model, optimizer, cfg, device
+    def __init__(self, model, updater: Updater, cfg: ExperimentConfig, device) -> None:
+        self.model, self.updater, self.cfg, self.device = model, updater, cfg, device
 
     def run(self, samples: list[Sample], index: int, total: int, epoch: int, step: int) -> dict | None:
         for s in samples:
@@ -188,22 +236,28 @@ class SegmentationStep:
                 raise DataError(f"{s.source}: training needs labelled slices, but {s.sample_id} has no mask")
         if self.cfg.train.skip_negatives:
             samples = [s for s in samples if len(s.target["boxes"]) > 0]
-        if not samples:
-            return None
         self.model.train()
-        images, targets = zip(*(_on_device(s, self.device) for s in samples))
         ids = [s.sample_id for s in samples]
-        loss, terms = _losses_backward(self.model, self.optimizer, list(images), list(targets), "", epoch, step, ids)
-        _set_lr(self.optimizer, self.cfg.train, index, total)
-        self.optimizer.step()
-        return {"epoch": epoch + 1, "step": step + 1, "samples": ids, "loss": float(loss.detach()), **terms,
-                "lr": self.optimizer.param_groups[0]["lr"]}
+        loss, terms = None, {k: 0.0 for k in SEG_TERMS}
+        if samples:
+            images, targets = zip(*(_on_device(s, self.device) for s in samples))
+            with self.updater.autocast():
+                losses = self.model(list(images), list(targets))
+            loss = sum(losses.values())
+            terms = {k: float(v.detach()) for k, v in losses.items()}
+        if self.updater.world.distributed:
+            terms = self.updater.mean({k: terms.get(k, 0.0) for k in SEG_TERMS}, len(samples))
+        mean = self.updater.update(loss, len(samples), None, what="", epoch=epoch, step=step, ids=ids, terms=terms,
+                                   index=index, total=total)
+        if mean is None:
+            return None
+        return {"epoch": epoch + 1, "step": step + 1, "samples": ids, "loss": mean, **terms,
+                "lr": self.updater.optimizer.param_groups[0]["lr"]}
 
     def resume_state(self) -> dict:
-        return {}
+        return self.updater.state()
 
     def validate(self, dataset, device, progress: bool) -> tuple[dict, dict, str]:
-
         metrics, _ = evaluate_segmentation(self.model, dataset, self.cfg.eval, device, progress=progress)
         summary = {f"legacy_{k}": metrics["legacy"][k] for k in ("AP50", "AP75", "mAP")}
         summary.update({f"coco_segm_{k}": metrics["coco"]["segm"][k] for k in ("AP", "AP50", "AP75")})
@@ -233,39 +287,49 @@ def prepare_classifier(model, cfg: ExperimentConfig, dataset, out_dir: Path, res
 
 class ClassificationStep:
     """One classifier iteration: for joint models a segmentation step on one ``seg_data``
-    image (with the copy rule), then the classification step (see the module docstring)."""
+    image (with the copy rule), then the classification step (see the module docstring).
+    Under ``torchrun`` each rank draws its own segmentation image, and the copy decision
+    reads the loss averaged over ranks, so every rank copies at the same iterations."""
 
-    def __init__(self, model, optimizer, cfg: ExperimentConfig, device, seg_dataset=None,
+    def __init__(self, model, updater: Updater, cfg: ExperimentConfig, device, seg_dataset=None,
                  copy_state: dict | None = None) -> None:
-        self.model, self.optimizer, self.cfg, self.device = model, optimizer, cfg, device
+        self.model, self.updater, self.cfg, self.device = model, updater, cfg, device
         self.seg_dataset = seg_dataset
         self.copier = CopyRule(cfg.train.copy_rule, copy_state)
-        self.params = dict(model.named_parameters())
-        self.detector_names = {n for n in self.params if n.startswith("detector.")}
+        self.detector_names = {n for n in updater.named if n.startswith("detector.")}
         self.trainable = trainable_names(model, cfg.train.update_rule, cfg.train.bn_params)
 
-    def _keep_grads(self, names: set[str]) -> None:
-        for name, p in self.params.items():
-            if name not in names:
-                p.grad = None  # frozen for this step: no momentum, no weight decay
-
     def _segmentation(self, index: int, total: int, epoch: int, step: int) -> dict:
-        tc = self.cfg.train
-        sample = self.seg_dataset[seg_index(len(self.seg_dataset), tc.seed, step)]
+        tc, world = self.cfg.train, self.updater.world
+        draw = step * world.size + world.rank if world.distributed else step
+        sample = self.seg_dataset[seg_index(len(self.seg_dataset), tc.seed, draw)]
         if sample.target is None:
             raise DataError(f"{sample.source}: seg_data needs masks ({sample.sample_id})")
         record: dict = {"seg_sample": sample.sample_id}
-        if len(sample.target["boxes"]) == 0:
+        loss, terms = None, {k: 0.0 for k in SEG_TERMS}
+        has_lesions = len(sample.target["boxes"]) > 0
+        if has_lesions:
+            self.model.train()
+            image, target = _on_device(sample, self.device)
+            with self.updater.autocast():
+                losses = self.model.segmentation_losses([image], [target])
+            loss = sum(losses.values())
+            terms = {k: float(v.detach()) for k, v in losses.items()}
+        elif not world.distributed:
+            return record              # lesion-free: no segmentation update (the original skips it)
+        if world.distributed:
+            terms = self.updater.mean({k: terms.get(k, 0.0) for k in SEG_TERMS}, float(has_lesions))
+
+        def copy(mean: float) -> bool:
+            return self.copier.should_copy(mean) and self.model.copy_segmentation_branch()
+
+        out = self.updater.update(loss, float(has_lesions), self.detector_names, what="segmentation ", epoch=epoch,
+                                  step=step, ids=[sample.sample_id], terms=terms, index=index, total=total,
+                                  before_step=copy)   # only the detector learns from L_SEG; copy before the step
+        if out is None:
             return record
-        self.model.train()
-        image, target = _on_device(sample, self.device)
-        seg_total, terms = _losses_backward(self.model.segmentation_losses, self.optimizer, [image], [target],
-                                            "segmentation ", epoch, step, [sample.sample_id])
-        self._keep_grads(self.detector_names)  # only the detector learns from L_SEG
-        copied = self.copier.should_copy(float(seg_total.detach())) and self.model.copy_segmentation_branch()
-        _set_lr(self.optimizer, tc, index, total)
-        self.optimizer.step()
-        return {**record, "seg_loss": float(seg_total.detach()), **terms, "copied": bool(copied)}
+        seg_loss, copied = out
+        return {**record, "seg_loss": seg_loss, **terms, "copied": bool(copied)}
 
     def run(self, samples: list[Sample], index: int, total: int, epoch: int, step: int) -> dict:
         tc = self.cfg.train
@@ -281,24 +345,22 @@ class ClassificationStep:
             raise NonFiniteLossError(f"non-finite pixels in classification samples {bad} at epoch "
                                      f"{epoch + 1}, step {step + 1}")
         self.model.classification_mode(tc.cls_bn)
-        out = self.model([s.image.to(self.device) for s in samples])
-        cls_loss = one_hot_bce(out.logits, labels)
-        check_finite(cls_loss, "classification ", epoch, step, ids, {"cls_loss": float(cls_loss.detach())})
-        self.optimizer.zero_grad(set_to_none=True)
-        cls_loss.backward()
-        self._keep_grads(self.trainable)
-        _set_lr(self.optimizer, tc, index, total)
-        self.optimizer.step()
+        with self.updater.autocast():
+            out = self.model([s.image.to(self.device) for s in samples])
+        cls_loss = one_hot_bce(out.logits.float(), labels)
+        n = len(samples)
+        mean = self.updater.update(cls_loss, n, self.trainable, what="classification ", epoch=epoch, step=step,
+                                   ids=ids, terms={"cls_loss": float(cls_loss.detach())}, index=index, total=total)
         accuracy = float((out.logits.detach().argmax(1) == labels).float().mean())
-        record.update({"samples": ids, "cls_loss": float(cls_loss.detach()), "cls_accuracy": accuracy,
-                       "lr": self.optimizer.param_groups[0]["lr"]})
+        record.update({"samples": ids, "cls_loss": mean,
+                       "cls_accuracy": self.updater.mean({"a": accuracy}, n)["a"],
+                       "lr": self.updater.optimizer.param_groups[0]["lr"]})
         return record
 
     def resume_state(self) -> dict:
-        return {"copy": self.copier.state()}
+        return {"copy": self.copier.state(), **self.updater.state()}
 
     def validate(self, dataset, device, progress: bool) -> tuple[dict, dict, str]:
-
         metrics, _ = evaluate_classifier(self.model, dataset, device, eval_cfg=self.cfg.eval,
                                          cls_bn=self.cfg.train.cls_bn, progress=progress)
         summary = {k: metrics[k] for k in ("overall_accuracy", "f1_weighted", "f1_macro")}

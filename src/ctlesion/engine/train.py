@@ -22,8 +22,9 @@ from ..data.factory import build_dataset
 from ..errors import ConfigError, DataError, NonFiniteLossError
 from .checkpoint import load_checkpoint, load_train_state
 from .io import save_config
+from .distributed import World, broadcast_module, convert_sync_bn, setup_world, shutdown_world
 from .loop import LoopState, TrainResult, epoch_order, resolve_device, run_loop, scheduled_lr, seed_everything, set_rng_state
-from .steps import ClassificationStep, SegmentationStep, prepare_classifier, resolve_auto_settings
+from .steps import ClassificationStep, SegmentationStep, Updater, prepare_classifier, resolve_auto_settings
 
 __all__ = ["train", "train_segmentation", "train_classifier", "TrainResult", "NonFiniteLossError",
            "resolve_device", "epoch_order", "scheduled_lr"]
@@ -83,30 +84,60 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: str | Path | bo
     if task != "segmentation":
         resolve_auto_settings(cfg)
     tc = cfg.train
-    device = resolve_device(tc.device)
-    if tc.deterministic:
-        torch.use_deterministic_algorithms(True)
-    seed_everything(tc.seed)
-    model, state = _model_and_state(cfg, out_dir, resume, model)
-    dataset, seg_dataset, val_dataset = _datasets(cfg, task, model, dataset, seg_dataset)
-    if task != "segmentation":
-        prepare_classifier(model, cfg, dataset, out_dir, resumed=state is not None, progress=progress)
-    scheduled_lr(tc, 0, 1)  # fail early on a bad schedule name
+    world, device = setup_world(tc.device)
+    try:
+        if tc.deterministic:
+            torch.use_deterministic_algorithms(True)
+        seed_everything(tc.seed)  # the same on every rank: the same initial weights
+        model, state = _model_and_state(cfg, out_dir, resume, model)
+        dataset, seg_dataset, val_dataset = _datasets(cfg, task, model, dataset, seg_dataset)
+        if task != "segmentation":
+            prepare_classifier(model, cfg, dataset, out_dir, resumed=state is not None, progress=progress and world.main)
+        scheduled_lr(tc, 0, 1)  # fail early on a bad schedule name
+        model = _placed(model, tc, world, device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        updater = Updater(model, optimizer, cfg, device, world, (state or {}).get("scaler"))
+        if task == "segmentation":
+            step = SegmentationStep(model, updater, cfg, device)
+        else:
+            step = ClassificationStep(model, updater, cfg, device, seg_dataset,
+                                      copy_state=state.get("copy") if state else None)
+        loop_state = _restore(state, optimizer, tc, world)
+        if world.main:
+            save_config(cfg, out_dir / "config.yaml")
+        return run_loop(cfg, out_dir, model, dataset, step, optimizer, task=task, start=start, state=loop_state,
+                        val_dataset=val_dataset, device=device, progress=progress, resumed=state is not None,
+                        world=world)
+    finally:
+        shutdown_world(world)
+
+
+def _placed(model: torch.nn.Module, tc, world: World, device: torch.device) -> torch.nn.Module:
+    """On this rank's device, in the configured memory format, with rank 0's weights everywhere."""
+    if tc.sync_bn:
+        model = convert_sync_bn(model, world, device)
     model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    if task == "segmentation":
-        step = SegmentationStep(model, optimizer, cfg, device)
-    else:
-        step = ClassificationStep(model, optimizer, cfg, device, seg_dataset,
-                                  copy_state=state.get("copy") if state else None)
-    loop_state = LoopState()
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+    if tc.channels_last:
+        model.to(memory_format=torch.channels_last)
+    broadcast_module(model, world)
+    return model
+
+
+def _restore(state: dict | None, optimizer, tc, world: World) -> LoopState:
+    """Resume position, optimiser and this rank's RNG; a new run seeds each rank apart."""
+    if state is None:
+        if world.distributed:
+            seed_everything(tc.seed + world.rank)  # different RoI/anchor sampling on each rank
+        return LoopState()
+    optimizer.load_state_dict(state["optimizer"])
+    ranks = state.get("rng_ranks")
+    if world.distributed and ranks is not None and len(ranks) == world.size:
+        set_rng_state(ranks[world.rank])
+    else:  # a single-process checkpoint under torchrun (or another rank count): rank 0 as saved
         set_rng_state(state["rng"])
-        loop_state = LoopState(state["epoch"], state["batch_pos"], state["step"])
-    save_config(cfg, out_dir / "config.yaml")
-    return run_loop(cfg, out_dir, model, dataset, step, optimizer, task=task, start=start, state=loop_state,
-                    val_dataset=val_dataset, device=device, progress=progress, resumed=state is not None)
+        if world.rank:
+            seed_everything(tc.seed + world.rank + 1_000_003 * state["step"])
+    return LoopState(state["epoch"], state["batch_pos"], state["step"])
 
 
 def train_segmentation(cfg: ExperimentConfig, out_dir: str | Path, **kwargs) -> TrainResult:

@@ -1,0 +1,7 @@
+"""``python -m ctlesion ...`` (what ``torchrun -m ctlesion train ...`` runs on every rank)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
