@@ -24,7 +24,7 @@ table{border-collapse:collapse;margin:8px 0} td,th{border:1px solid #ccc;padding
 th{background:#f2f2f2} td.k,th.k{text-align:left} section.volume{border-top:2px solid #444;margin-top:24px}
 .browser{display:flex;gap:16px;align-items:flex-start} .browser img{width:384px;image-rendering:auto;background:#000}
 input[type=range]{width:384px} .mono{font-family:monospace;font-size:12px;word-break:break-all}
-.row{display:flex;gap:24px;flex-wrap:wrap}
+.row{display:flex;gap:24px;flex-wrap:wrap} .note{font-size:12px;color:#555;max-width:480px}
 """
 
 _SCRIPT = """
@@ -105,10 +105,11 @@ def _burden_table(summary: dict) -> str:
                 f"<td data-key='all.lesions'>{total['lesions']}</td><td></td></tr>")
     pct = burden["percent_lung_affected"]
     rows.append(f"<tr><td class=k>lung</td><td data-key='lung.volume_ml'>{burden['lung']['volume_ml']:.3f}</td>"
-                f"<td colspan=2 class=k>{_esc(burden['lung']['method'])}</td></tr>")
+                f"<td colspan=2 class=k>see below</td></tr>")
     rows.append(f"<tr><td class=k><b>lung affected</b></td><td data-key='percent_lung_affected'>"
                 f"{'n/a' if pct is None else f'{pct:.2f}'}</td><td colspan=2 class=k>% of lung volume</td></tr>")
-    return "<table class=burden>" + "".join(rows) + "</table>"
+    return ("<table class=burden>" + "".join(rows) + "</table>"
+            f"<p class=note>Lung mask: {_esc(burden['lung']['method'])}.</p>")
 
 
 def _verdict(summary: dict) -> str:
