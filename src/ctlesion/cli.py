@@ -1,4 +1,4 @@
-"""``ctlesion`` command line: models, train, evaluate, predict, demo.
+"""``ctlesion`` command line: models, train, evaluate, predict, verify-data, demo, compare.
 
 ``train`` / ``evaluate`` / ``predict`` serve every model: detectors (segmentation), slice
 classifiers (CTM, CNNs) and joint models (SSM, mask-feature models); the checkpoint's
@@ -254,6 +254,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify_data(args: argparse.Namespace) -> int:
+    from .data.verify import format_verify_report, verify_data
+
+    report = verify_data(args.paths, fmt=args.format, min_area=args.min_area, progress=not args.quiet)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else format_verify_report(report))
+    return 0 if report.ok else 1
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -340,6 +348,19 @@ def build_parser() -> argparse.ArgumentParser:
     vol.add_argument("--no-volume-outputs", action="store_true", help="none of the above")
     data_options(p)
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("verify-data", help="check a dataset folder or split files before training; "
+                                           "exit 0 when clean, 1 with the problems listed")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="a dataset folder (or FORMAT:PATH), or one or more split files (.txt)")
+    p.add_argument("--format", default=None,
+                   help="force the format: cncb, semiseg, dicom, nifti, images, covid-ct-md, covidx, "
+                        "classfirst, class_folders, or split (default: detected)")
+    p.add_argument("--min-area", type=int, default=100,
+                   help="report lesion instances of at most this many pixels (training's min_area; default 100)")
+    p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_verify_data)
 
     p = sub.add_parser("demo", help="train and evaluate on built-in synthetic phantoms (CPU, minutes)")
     p.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
