@@ -101,9 +101,11 @@ def test_instances_and_summary_agree_with_the_label_volume(run):
         for les in summary["lesions"]:
             assert (labels[ids == les["id"]] == les["class_id"]).all() and (ids == les["id"]).sum() == les["voxels"]
         assert ((ids > 0) == (labels > 0)).all()
-        lesion_voxels = summary["burden"]["all_lesions"]["voxels"]
-        assert summary["burden"]["percent_lung_affected"] == pytest.approx(
-            100 * lesion_voxels / summary["burden"]["lung"]["voxels"], abs=1e-3)
+        in_lung = summary["burden"]["all_lesions"]["in_lung_voxels"]
+        assert in_lung <= summary["burden"]["all_lesions"]["voxels"] == int((labels > 0).sum())
+        if summary["burden"]["lung"]["voxels"]:
+            assert summary["burden"]["percent_lung_affected"] == pytest.approx(
+                100 * in_lung / summary["burden"]["lung"]["voxels"], abs=1e-3)
         assert len(summary["slices"]) == summary["shape_zyx"][0]
         meta = json.loads((run["checkpoint"] / "meta.json").read_text())
         assert summary["model"]["checkpoint_sha256"] == meta["files"]["model.safetensors"]

@@ -136,18 +136,21 @@ def test_instance_volume_joins_overlapping_neighbours_and_keeps_classes_apart():
 
 
 def test_lesion_burden_counts_millilitres_and_share_of_lung():
-    labels = np.zeros((4, 10, 10), np.uint8)
-    labels[0:2, 0:2, 0:2] = 1  # 8 voxels GGO
-    labels[3, 5:8, 5:8] = 2    # 9 voxels C
+    labels = np.zeros((4, 12, 10), np.uint8)
+    labels[0:2, 0:2, 0:2] = 1  # 8 voxels GGO, inside the lung
+    labels[1, 5:7, 0:2] = 1    # 4 voxels GGO just outside, touching it: joins the lung
+    labels[3, 8:11, 5:8] = 2   # 9 voxels C, far from the lung: a false positive
     lung = np.zeros(labels.shape, bool)
-    lung[:, :5, :] = True      # 200 voxels, holds the GGO but not the C
-    _, table = instance_volume(labels, ("GGO", "C"))
-    burden = lesion_burden(labels, table, ("GGO", "C"), voxel_ml=0.5, lung=lung, lung_method="test")
-    assert burden["classes"]["GGO"] == {"voxels": 8, "volume_ml": 4.0, "lesions": 1, "largest_ml": 4.0}
-    assert burden["classes"]["C"]["volume_ml"] == 4.5
-    assert burden["lung"]["voxels"] == 200 + 9  # lesion voxels join the lung
-    assert burden["percent_lung_affected"] == pytest.approx(100 * 17 / 209, abs=1e-3)
-    empty = lesion_burden(np.zeros_like(labels), [], ("GGO",), 1.0, np.zeros(labels.shape, bool), "t")
+    lung[:, :5, :] = True      # 200 voxels
+    ids, table = instance_volume(labels, ("GGO", "C"))
+    burden = lesion_burden(labels, ids, table, ("GGO", "C"), voxel_ml=0.5, lung=lung, lung_method="test")
+    assert burden["classes"]["GGO"] == {"voxels": 12, "volume_ml": 6.0, "lesions": 2, "largest_ml": 4.0}
+    assert burden["classes"]["C"]["volume_ml"] == 4.5  # counted in its class...
+    assert burden["all_lesions"]["outside_lung_ml"] == 4.5  # ...but not in the lung share
+    assert burden["lung"]["voxels"] == 200 + 4
+    assert burden["percent_lung_affected"] == pytest.approx(100 * 12 / 204, abs=1e-3)
+    empty = lesion_burden(np.zeros_like(labels), np.zeros(labels.shape, np.uint16), [], ("GGO",), 1.0,
+                          np.zeros(labels.shape, bool), "t")
     assert empty["percent_lung_affected"] is None and empty["classes"]["GGO"]["lesions"] == 0
 
 
@@ -187,6 +190,10 @@ def test_dicom_seg_is_read_back_by_highdicom_and_references_the_series(tmp_path)
     from ctlesion.outputs.dicom_seg import write_dicom_seg
 
     folder = write_ct_series(tmp_path / "series", [np.full((SIZE, SIZE), -800, np.int16)] * 3)
+    for f in folder.glob("*.dcm"):  # anonymised like COVID-CT-MD: Type 2 patient attributes absent
+        ds = pydicom.dcmread(f)
+        del ds.PatientName, ds.PatientBirthDate
+        ds.save_as(f)
     volume = read_volume(folder)
     labels = np.zeros(volume.array.shape, np.uint8)
     labels[1, 4:9, 4:9] = 1

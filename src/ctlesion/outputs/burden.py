@@ -6,7 +6,7 @@
   included) is one lesion. Ids run 1..N over all classes, ordered by class then size.
 * :func:`lesion_burden`: per class the volume in mL (voxels x row spacing x column spacing
   x slice step / 1000), the number of 3-D lesions and the largest; the lung volume and
-  the percentage of the lung that the lesions (all classes together) occupy.
+  the percentage of the lung that the lesions in it (all classes together) occupy.
 """
 
 from __future__ import annotations
@@ -53,16 +53,18 @@ def instance_volume(labels: np.ndarray, class_names) -> tuple[np.ndarray, list[d
     return instances.astype(dtype), table
 
 
-def lesion_burden(labels: np.ndarray, lesions: list[dict], class_names, voxel_ml: float,
-                  lung: np.ndarray, lung_method: str) -> dict:
+def lesion_burden(labels: np.ndarray, instances: np.ndarray, lesions: list[dict], class_names,
+                  voxel_ml: float, lung: np.ndarray, lung_method: str) -> dict:
     """Lesion volumes per class and as a share of the lung.
 
-    ``lung`` is a boolean mask on the same grid; detected lesion voxels are added to it
-    (a lesion is inside the lung by definition, and a consolidation at the pleura may be
-    missing from a threshold mask). ``percent_lung_affected`` is ``None`` for an empty lung.
+    ``lung`` is a boolean mask on the same grid. A 3-D lesion that overlaps or touches it
+    (26-neighbourhood) is in the lung, and its voxels join the lung mask (a consolidation at
+    the pleura may be missing from a threshold mask). A lesion wholly outside the lung (a
+    false positive, or a lung mask that failed) still counts in its class volume, but not in
+    ``percent_lung_affected``; ``all_lesions.outside_lung_ml`` says how much that is.
+    ``percent_lung_affected`` is ``None`` for an empty lung.
     """
     classes = {}
-    lesion_voxels = np.zeros(labels.shape, dtype=bool)
     for c, name in enumerate(class_names, start=1):
         if name == LUNG_CLASS:
             continue
@@ -73,14 +75,17 @@ def lesion_burden(labels: np.ndarray, lesions: list[dict], class_names, voxel_ml
             "voxels": voxels, "volume_ml": round(voxels * voxel_ml, 3), "lesions": len(rows),
             "largest_ml": round(largest * voxel_ml, 3),
         }
-        lesion_voxels |= labels == c
-    lung_all = np.asarray(lung, dtype=bool) | lesion_voxels
+    lung = np.asarray(lung, dtype=bool)
+    touching = np.unique(instances[ndimage.binary_dilation(lung, structure=_FULL_3D)]) if lesions else []
+    in_lung = np.isin(instances, [i for i in touching if i > 0])
+    lung_all = lung | in_lung
     lung_voxels = int(lung_all.sum())
-    total = int(lesion_voxels.sum())
+    total, inside = int((instances > 0).sum()), int(in_lung.sum())
     return {
         "classes": classes,
-        "all_lesions": {"voxels": total, "volume_ml": round(total * voxel_ml, 3), "lesions": len(lesions)},
+        "all_lesions": {"voxels": total, "volume_ml": round(total * voxel_ml, 3), "lesions": len(lesions),
+                        "in_lung_voxels": inside, "outside_lung_ml": round((total - inside) * voxel_ml, 3)},
         "lung": {"voxels": lung_voxels, "volume_ml": round(lung_voxels * voxel_ml, 3), "method": lung_method},
-        "percent_lung_affected": round(100.0 * total / lung_voxels, 3) if lung_voxels else None,
+        "percent_lung_affected": round(100.0 * inside / lung_voxels, 3) if lung_voxels else None,
         "voxel_ml": voxel_ml,
     }

@@ -32,6 +32,20 @@ def _segment(number: int, name: str, algorithm):
     return description
 
 
+# Type 2 patient/study attributes a SEG copies from its source: they may be empty, but
+# anonymised series (COVID-CT-MD) leave some out entirely, which highdicom refuses.
+_TYPE2_COPIED = ("PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                 "StudyDate", "StudyTime", "ReferringPhysicianName")
+
+
+def _with_type2_patient_study(ds):
+    """``ds`` (an in-memory header; the file is not touched) with absent Type 2 attributes empty."""
+    for keyword in _TYPE2_COPIED:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    return ds
+
+
 def write_dicom_seg(path: str | Path, labels: np.ndarray, slice_files, class_names, *,
                     model_name: str, version: str) -> Path:
     """Write a BINARY DICOM-SEG of ``labels`` ``[S, H, W]`` (class ids, slice ``s`` from
@@ -41,7 +55,7 @@ def write_dicom_seg(path: str | Path, labels: np.ndarray, slice_files, class_nam
     import pydicom
     from pydicom.sr.codedict import codes
 
-    sources = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in slice_files]
+    sources = [_with_type2_patient_study(pydicom.dcmread(str(f), stop_before_pixels=True)) for f in slice_files]
     if len(sources) != labels.shape[0]:
         raise ValueError(f"{path}: {len(sources)} source files for {labels.shape[0]} slices")
     pixel = np.stack([labels == c for c in range(1, len(class_names) + 1)], axis=-1).astype(np.uint8)

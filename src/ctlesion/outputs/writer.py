@@ -64,7 +64,8 @@ def volume_limits(assembly: VolumeAssembly) -> list[str]:
                       "(missing slices?); volumes use the mean step")
     if LUNG_CLASS not in assembly.class_names:
         limits.append("the lung mask is a classical HU-threshold method (it includes the trachea and main "
-                      "bronchi); detected lesion voxels are added to it")
+                      "bronchi); lesions touching it are added to it, lesions wholly outside it are left out "
+                      "of the percentage (all_lesions.outside_lung_ml)")
     limits.append("research software, not a medical device: not for diagnosis")
     return limits
 
@@ -113,7 +114,7 @@ class VolumeOutputWriter:
             lung, lung_method = assembly.labels == names.index(LUNG_CLASS) + 1, "the detector's lung class"
         else:
             lung, lung_method = lung_mask(assembly.volume.array), LUNG_METHOD
-        burden = lesion_burden(assembly.labels, lesions, names, geometry.voxel_ml, lung, lung_method)
+        burden = lesion_burden(assembly.labels, instances, lesions, names, geometry.voxel_ml, lung, lung_method)
         files = {}
         if not names:  # a whole-slice classifier: probabilities only, no lesion masks to write
             pass
