@@ -210,3 +210,21 @@ def test_dicom_seg_is_read_back_by_highdicom_and_references_the_series(tmp_path)
                                                ignore_spatial_locations=True)
     assert pixels.shape == (3, SIZE, SIZE, 2)
     assert (pixels[..., 0] == (labels == 1)).all() and (pixels[..., 1] == (labels == 2)).all()
+
+
+def test_paint_detections_resizes_masks_back_and_lets_the_higher_score_win():
+    import torch
+
+    from ctlesion.outputs.assemble import paint_detections
+
+    masks = torch.zeros((3, 16, 16), dtype=torch.bool)
+    masks[0, 0:8, 0:8] = True    # GGO, score 0.9
+    masks[1, 4:12, 4:12] = True  # C, score 0.6: under the GGO where they overlap
+    masks[2, :, :] = True        # lung: painted first, under every lesion
+    pred = {"masks": masks, "labels": torch.tensor([2, 3, 1]), "scores": torch.tensor([0.9, 0.6, 0.99])}
+    out = paint_detections(pred, ("lung", "GGO", "C"), (32, 32))  # the model ran on half-size slices
+    assert out.shape == (32, 32)
+    assert (out[0:16, 0:16] == 2).all()                      # GGO, scaled x2
+    assert (out[16:24, 16:24] == 3).all() and out[8, 20] == 3  # C where the GGO is not
+    assert out[30, 30] == 1 and out[0, 30] == 1               # lung elsewhere
+    assert paint_detections(None, ("GGO",), (4, 4)).sum() == 0
