@@ -147,7 +147,7 @@ def test_lesion_burden_counts_millilitres_and_share_of_lung():
     assert burden["classes"]["GGO"] == {"voxels": 12, "volume_ml": 6.0, "lesions": 2, "largest_ml": 4.0}
     assert burden["classes"]["C"]["volume_ml"] == 4.5  # counted in its class...
     assert burden["all_lesions"]["outside_lung_ml"] == 4.5  # ...but not in the lung share
-    assert burden["lung"]["voxels"] == 200 + 4
+    assert burden["lung"]["voxels"] == 200 + 4 and burden["lung"]["mask_ml"] == 100.0
     assert burden["percent_lung_affected"] == pytest.approx(100 * 12 / 204, abs=1e-3)
     empty = lesion_burden(np.zeros_like(labels), np.zeros(labels.shape, np.uint16), [], ("GGO",), 1.0,
                           np.zeros(labels.shape, bool), "t")

@@ -85,7 +85,8 @@ def lesion_burden(labels: np.ndarray, instances: np.ndarray, lesions: list[dict]
         "classes": classes,
         "all_lesions": {"voxels": total, "volume_ml": round(total * voxel_ml, 3), "lesions": len(lesions),
                         "in_lung_voxels": inside, "outside_lung_ml": round((total - inside) * voxel_ml, 3)},
-        "lung": {"voxels": lung_voxels, "volume_ml": round(lung_voxels * voxel_ml, 3), "method": lung_method},
+        "lung": {"voxels": lung_voxels, "volume_ml": round(lung_voxels * voxel_ml, 3), "method": lung_method,
+                 "mask_ml": round(int(lung.sum()) * voxel_ml, 3)},  # the mask alone, before lesions join
         "percent_lung_affected": round(100.0 * inside / lung_voxels, 3) if lung_voxels else None,
         "voxel_ml": voxel_ml,
     }

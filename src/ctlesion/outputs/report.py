@@ -109,7 +109,9 @@ def _burden_table(summary: dict) -> str:
     rows.append(f"<tr><td class=k><b>lung affected</b></td><td data-key='percent_lung_affected'>"
                 f"{'n/a' if pct is None else f'{pct:.2f}'}</td><td colspan=2 class=k>% of lung volume</td></tr>")
     return ("<table class=burden>" + "".join(rows) + "</table>"
-            f"<p class=note>Lung mask: {_esc(burden['lung']['method'])}.</p>")
+            f"<p class=note>Lung mask: {_esc(burden['lung']['method'])}; "
+            f"{burden['lung']['mask_ml']:.1f} mL before the lesions touching it joined. Lesions wholly "
+            f"outside it ({burden['all_lesions']['outside_lung_ml']:.1f} mL) are not in the percentage.</p>")
 
 
 def _verdict(summary: dict) -> str:
