@@ -80,6 +80,7 @@ def test_split_files_report_patients_in_two_splits(tmp_path, capsys):
     assert "test.txt: Normal_7_1_0001.png appears 2 times" in out
     assert "CP_5" not in out.split("patients in more than one split")[1]
     assert split_patient_id("0_1728_1013_0023.png") == "Normal_1728"  # the author's class-first names
+    assert split_patient_id("2_pCT1088.jpg") is None  # iCTCF names number slices, not patients
 
 
 def test_missing_path_and_bad_format_are_problems_not_tracebacks(tmp_path, capsys):

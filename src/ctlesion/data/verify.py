@@ -186,12 +186,15 @@ def _counts(name: str, counter: Counter) -> Check:
 # --------------------------------------------------------------------------- split files
 
 
-def split_patient_id(name: str) -> str:
+def split_patient_id(name: str) -> str | None:
     """The patient of a split-file name: COVIDx-CT rules (:func:`.classification.covidx_patient_id`),
-    and the CNCB class-first names ``<c>_<pid>_<scan>_<slice>`` of the author's split files."""
+    the CNCB class-first names ``<c>_<pid>_<scan>_<slice>`` of the author's split files, and
+    ``None`` for names that carry no patient (iCTCF ``<label>_<nCT|pCT><n>``: a slice number)."""
     from .classification import _classfirst_patient_id, covidx_patient_id
 
     stem = Path(name).stem
+    if re.fullmatch(r"\d_[np]CT\d+", stem):
+        return None
     if re.fullmatch(r"\d+_\d+_\d+_\d+", stem):
         return _classfirst_patient_id(stem, int(stem.split("_")[0]))
     return covidx_patient_id(name)
@@ -216,11 +219,15 @@ def _verify_splits(files: list[Path]) -> list[Check]:
                 repeated.fail(f"{f.name}: {name} appears {n} times")
         names[str(f)] = counts
     readable.detail = ", ".join(f"{Path(k).name} {sum(v.values())} lines" for k, v in names.items())
-    by_name, by_patient = defaultdict(set), defaultdict(set)
+    by_name, by_patient, unknown = defaultdict(set), defaultdict(set), 0
     for split, counts in names.items():
         for name in counts:
             by_name[name].add(Path(split).name)
-            by_patient[split_patient_id(name)].add(Path(split).name)
+            pid = split_patient_id(name)
+            if pid is None:
+                unknown += 1
+            else:
+                by_patient[pid].add(Path(split).name)
     for name, splits in sorted(by_name.items()):
         if len(splits) > 1:
             names_across.fail(f"{name} in {', '.join(sorted(splits))}")
@@ -231,6 +238,10 @@ def _verify_splits(files: list[Path]) -> list[Check]:
         patients_across.status, patients_across.detail = "info", "one split file: nothing to compare"
     else:
         patients_across.detail = f"{len(by_patient)} patients over {len(files)} splits"
+    if unknown:
+        if patients_across.status == "ok":
+            patients_across.status = "info"
+        patients_across.detail += f"; {unknown} name(s) carry no patient id (iCTCF slice names): not checked"
     return [readable, repeated, names_across, patients_across]
 
 
