@@ -118,8 +118,8 @@ def _verify_mask_folder(root: Path, layout: str, min_area: int, progress: bool) 
     for stem in tqdm(sorted(images, key=_natural_key), disable=not progress, desc="verify", unit="image"):
         try:
             pixels = reader.read(images[stem]).array[0]
-        except (ValueError, OSError) as exc:
-            readable.fail(str(exc))
+        except Exception as exc:  # noqa: BLE001 - reporting unreadable files is this command's job
+            readable.fail(f"{images[stem]}: {exc}" if str(images[stem]) not in str(exc) else str(exc))
             continue
         _image_values(content, images[stem].name, pixels)
         hashes[_digest(pixels)].append(images[stem].name)
@@ -128,7 +128,7 @@ def _verify_mask_folder(root: Path, layout: str, min_area: int, progress: bool) 
         try:
             with Image.open(masks[stem]) as img:
                 raw = np.array(img)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001
             readable.fail(f"{masks[stem]}: not a readable image ({exc})")
             continue
         if raw.ndim != 2:
@@ -254,7 +254,7 @@ def _verify_dataset(cfg, progress: bool) -> list[Check]:
     builds = Check("dataset builds")
     try:
         dataset = build_dataset(cfg, "both")
-    except (ValueError, FileNotFoundError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a dataset that does not build is a finding, not a crash
         builds.fail(str(exc))
         return [builds]
     builds.detail = f"{len(dataset)} slices ({cfg.format})"
@@ -264,7 +264,7 @@ def _verify_dataset(cfg, progress: bool) -> list[Check]:
     for i in tqdm(range(len(dataset)), disable=not progress, desc="verify", unit="slice"):
         try:
             sample = dataset[i]
-        except (ValueError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001
             readable.fail(f"slice {i}: {exc}")
             continue
         image = sample.image.numpy()
