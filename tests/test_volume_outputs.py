@@ -3,7 +3,6 @@ DICOM-SEG, summary.json and the HTML report (tiny synthetic series and volumes).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

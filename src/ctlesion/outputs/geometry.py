@@ -25,7 +25,7 @@ import numpy as np
 
 from ..data.readers import Volume, is_nifti
 
-__all__ = ["VolumeGeometry", "LPS_TO_RAS", "dicom_affine", "volume_geometry"]
+__all__ = ["VolumeGeometry", "GeometryError", "LPS_TO_RAS", "dicom_affine", "volume_geometry"]
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
