@@ -16,7 +16,7 @@ def write_ct_series(folder: Path, slices_hu: list[np.ndarray], spacing: float = 
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
     folder.mkdir()
-    series = generate_uid()
+    series, study, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
     for i, hu in enumerate(slices_hu):
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage
@@ -25,6 +25,9 @@ def write_ct_series(folder: Path, slices_hu: list[np.ndarray], spacing: float = 
         ds = FileDataset(str(folder / f"s{i}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
         ds.Modality, ds.SeriesInstanceUID, ds.PatientID = "CT", series, "anon"
+        ds.StudyInstanceUID, ds.FrameOfReferenceUID, ds.PatientName = study, frame_of_reference, "Anon^Patient"
+        ds.StudyID, ds.SeriesNumber, ds.AccessionNumber, ds.StudyDate, ds.StudyTime = "1", 1, "", "20200101", "120000"
+        ds.PatientBirthDate, ds.PatientSex, ds.ReferringPhysicianName, ds.SliceThickness = "", "O", "", 2.0
         ds.Rows, ds.Columns = hu.shape
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"

@@ -279,6 +279,22 @@ def test_predict_gives_one_verdict_per_dicom_series(ssm_predict, inputs):
     assert sorted(v["num_slices"] for v in volumes.values()) == [1, 1, 4, 4]
 
 
+def test_predict_volume_summaries_hold_the_verdict_and_slice_probabilities(ssm_predict, inputs):
+    out, printed = ssm_predict
+    volumes = json.loads((out / "patients.json").read_text())["volumes"]
+    records = read_jsonl(out / "predictions.jsonl")
+    for folder, source in (("series", str(inputs["series"])), ("vol", str(inputs["nifti"]))):
+        summary = json.loads((out / folder / "summary.json").read_text())
+        assert summary["source"] == source and summary["verdict"] == volumes[source]
+        mine = [r for r in records if r["volume"] == source]
+        assert [s["probabilities"] for s in summary["slices"]] == [
+            {k: round(v, 4) for k, v in r["probabilities"].items()} for r in mine]
+        assert (out / folder / "lesions.nii.gz").is_file()
+    assert (out / "series" / "seg.dcm").is_file() and not (out / "vol" / "seg.dcm").exists()
+    assert not (out / "a").exists()  # PNG slices have no voxel grid: no volume folder
+    assert "report: " in printed and (out / "report.html").is_file()
+
+
 def test_predict_aggregate_mean_is_recorded_and_is_the_mean(ssm_run, inputs, tmp_path):
     out = tmp_path / "mean"
     assert main(["predict", "--checkpoint", str(ssm_run / "checkpoint"), str(inputs["series"]), str(inputs["nifti"]),

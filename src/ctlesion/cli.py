@@ -1,4 +1,4 @@
-"""``ctlesion`` command line: models, train, evaluate, predict, demo.
+"""``ctlesion`` command line: models, train, evaluate, predict, verify-data, demo, compare.
 
 ``train`` / ``evaluate`` / ``predict`` serve every model: detectors (segmentation), slice
 classifiers (CTM, CNNs) and joint models (SSM, mask-feature models); the checkpoint's
@@ -126,6 +126,42 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _volume_outputs(args: argparse.Namespace):
+    from .outputs.writer import VolumeOutputOptions
+
+    if args.no_volume_outputs:
+        return None
+    return VolumeOutputOptions(labels=not args.no_label_volume, instances=not args.no_instances,
+                               dicom_seg=not args.no_dicom_seg, summary=not args.no_summary,
+                               report=not args.no_report)
+
+
+def _model_info(args: argparse.Namespace, model, cfg, meta, dataset) -> dict:
+    """What the report and every summary.json say about the model that made them."""
+    roi = getattr(getattr(model, "detector", model), "roi_heads", None)
+    settings = {"task": meta.get("task", "segmentation"), "mask_type": cfg.model.detector.mask_type,
+                "window": dataset.window, "size": dataset.size}
+    if roi is not None and hasattr(roi, "score_thresh"):
+        settings.update(score_thresh=args.score_thresh if args.score_thresh is not None else float(roi.score_thresh),
+                        nms_thresh=float(roi.nms_thresh), detections_per_img=int(roi.detections_per_img))
+    if meta.get("task", "segmentation") != "segmentation":
+        settings.update(aggregate=args.aggregate, min_abnormal_fraction=args.min_abnormal_fraction)
+    return {"name": cfg.model.name, "checkpoint": str(Path(args.checkpoint).resolve()),
+            "checkpoint_sha256": meta.get("files", {}).get("model.safetensors"), "settings": settings}
+
+
+def _print_volume_outputs(summary) -> None:
+    for vol in summary.volumes:
+        burden = vol["burden"]
+        pct = burden["percent_lung_affected"]
+        classes = ", ".join(f"{n} {b['volume_ml']:.1f} mL ({b['lesions']} lesions)" for n, b in burden["classes"].items())
+        print(f"{vol['source']}: lung {burden['lung']['volume_ml']:.0f} mL, "
+              f"{'n/a' if pct is None else f'{pct:.2f}'} % affected; {classes or 'no lesion classes'}; "
+              f"outputs in {Path(summary.predictions_file).parent / vol['folder']}")
+    if summary.report is not None:
+        print(f"report: {summary.report}")
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .data.datasets import VolumeDataset
     from .engine.checkpoint import load_checkpoint
@@ -136,6 +172,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     dataset = VolumeDataset(args.inputs, window=args.window or "auto",
                             mask_type=cfg.model.detector.mask_type,
                             size=args.size if args.size is not None else cfg.data.size)
+    volume_outputs = _volume_outputs(args)
+    info = _model_info(args, model, cfg, meta, dataset)
     if meta.get("task", "segmentation") != "segmentation":
         from .engine.predict_classifier import predict_classification
 
@@ -144,7 +182,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         summary = predict_classification(
             model, dataset, args.out, resolve_device(args.device), cls_bn=cls_bn, overlays=overlays,
             method=args.aggregate, min_abnormal_fraction=args.min_abnormal_fraction,
-            score_thresh=args.score_thresh, progress=not args.quiet)
+            score_thresh=args.score_thresh, progress=not args.quiet, volume_outputs=volume_outputs,
+            model_info=info)
         counts = ", ".join(f"{n} {c}" for n, c in summary.class_counts.items())
         print(f"{summary.slices} slices: {counts}")
         for source, verdict in summary.patients.items():
@@ -154,16 +193,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print(f"predictions: {summary.predictions_file}; per-volume verdicts: {summary.patients_file}")
         if summary.overlay_dir is not None:
             print(f"overlays: {summary.overlay_dir}")
+        _print_volume_outputs(summary)
         return 0
     summary = predict_inputs(model, dataset, args.out, resolve_device(args.device),
                              score_thresh=args.score_thresh,
                              overlays={"abnormal": "lesions"}.get(args.overlays, args.overlays),
-                             progress=not args.quiet)
+                             progress=not args.quiet, volume_outputs=volume_outputs, model_info=info)
     print(f"{summary.slices} slices, {summary.slices_with_lesions} with lesions, "
           f"{summary.detections} detections")
     print(f"predictions: {summary.predictions_file}")
     if summary.overlay_dir is not None:
         print(f"overlays: {summary.overlay_dir}")
+    _print_volume_outputs(summary)
     return 0
 
 
@@ -189,6 +230,14 @@ def _cmd_convert_weights(args: argparse.Namespace) -> int:
     print("the author's evaluation settings: " + ", ".join(f"{k}={v}" for k, v in _flatten(result.settings)))
     print(f"checkpoint: {result.checkpoint} (use with `ctlesion predict/evaluate --checkpoint`)")
     return 0
+
+
+def _cmd_verify_data(args: argparse.Namespace) -> int:
+    from .data.verify import format_verify_report, verify_data
+
+    report = verify_data(args.paths, fmt=args.format, min_area=args.min_area, progress=not args.quiet)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else format_verify_report(report))
+    return 0 if report.ok else 1
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -271,6 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "abnormal class over those slices)")
     p.add_argument("--min-abnormal-fraction", type=float, default=0.1,
                    help="classifiers, abnormal_fraction: share of abnormal slices that makes a volume abnormal")
+    vol = p.add_argument_group("volume outputs (DICOM series and NIfTI inputs; all on by default)")
+    vol.add_argument("--no-label-volume", action="store_true", help="no OUT/<volume>/lesions.nii.gz")
+    vol.add_argument("--no-instances", action="store_true", help="no OUT/<volume>/instances.nii.gz (3-D lesion ids)")
+    vol.add_argument("--no-dicom-seg", action="store_true", help="no OUT/<volume>/seg.dcm (DICOM-SEG, DICOM input)")
+    vol.add_argument("--no-summary", action="store_true", help="no OUT/<volume>/summary.json (lesion burden)")
+    vol.add_argument("--no-report", action="store_true", help="no OUT/report.html")
+    vol.add_argument("--no-volume-outputs", action="store_true", help="none of the above")
     data_options(p)
     p.set_defaults(func=_cmd_predict)
 
@@ -284,6 +340,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated slice class names, in logit order (default: normal,cp,covid for 3 logits)")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     p.set_defaults(func=_cmd_convert_weights)
+
+    p = sub.add_parser("verify-data", help="check a dataset folder or split files before training; "
+                                           "exit 0 when clean, 1 with the problems listed")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="a dataset folder (or FORMAT:PATH), or one or more split files (.txt)")
+    p.add_argument("--format", default=None,
+                   help="force the format: cncb, semiseg, dicom, nifti, images, covid-ct-md, covidx, "
+                        "classfirst, class_folders, or split (default: detected)")
+    p.add_argument("--min-area", type=int, default=100,
+                   help="report lesion instances of at most this many pixels (training's min_area; default 100)")
+    p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_verify_data)
 
     p = sub.add_parser("demo", help="train and evaluate on built-in synthetic phantoms (CPU, minutes)")
     p.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")

@@ -191,6 +191,22 @@ def _ds_float(ds, keyword: str, default: float | None = None) -> float | None:
         return default
 
 
+def _ds_floats(ds, keyword: str, n: int) -> list[float] | None:
+    """A multi-valued numeric tag as ``n`` floats, or ``None`` when absent or malformed."""
+    value = ds.get(keyword, None)
+    try:
+        values = [float(v) for v in value]
+    except (TypeError, ValueError):
+        return None
+    return values if len(values) == n else None
+
+
+def _all_positions(datasets) -> list[list[float]] | None:
+    """``ImagePositionPatient`` of every slice, or ``None`` when any slice lacks it."""
+    positions = [_ds_floats(ds, "ImagePositionPatient", 3) for ds in datasets]
+    return None if any(p is None for p in positions) else positions
+
+
 class DicomReader(ImageReader):
     """One DICOM file or a folder holding one series, returned in Hounsfield units.
 
@@ -214,7 +230,9 @@ class DicomReader(ImageReader):
     ``meta`` holds ``modality``, ``patient_id``, ``patient_sex``/``patient_age`` (when
     present), ``series_uid``, ``slice_positions`` (mm, in returned order, ``None`` when
     no position tag exists), ``sort_key`` (which tag ordered the slices),
-    ``instance_numbers`` and ``slice_spacing_mm`` (median gap, when known).
+    ``instance_numbers``, ``slice_spacing_mm`` (median gap, when known),
+    ``image_orientation`` (the first slice's ``ImageOrientationPatient``) and
+    ``image_positions`` (each slice's ``ImagePositionPatient``, returned order).
     """
 
     def __init__(self, allow_non_ct: bool = False) -> None:
@@ -400,6 +418,11 @@ class DicomReader(ImageReader):
             ],
             "slice_spacing_mm": slice_spacing,
             "slice_thickness_mm": _ds_float(ref_ds, "SliceThickness"),
+            # Geometry for volume outputs (label NIfTI, DICOM-SEG): the first slice's
+            # orientation and every slice's position, in the returned order (DICOM LPS).
+            "image_orientation": _ds_floats(ref_ds, "ImageOrientationPatient", 6),
+            "image_positions": (None if array.shape[0] != len(loaded) else
+                                _all_positions([ds for _, ds in loaded])),
             "transfer_syntax": str(getattr(ref_ds, "file_meta", {}).get("TransferSyntaxUID", "")) or None,
         }
         for keyword, key in (("PatientSex", "patient_sex"), ("PatientAge", "patient_age")):
@@ -507,6 +530,7 @@ class NiftiReader(ImageReader):
             "axcodes": axcodes,
             "slice_thickness_mm": zooms[2],
             "labels_source": str(self.labels) if self.labels is not None else None,
+            "affine": np.asarray(img.affine, dtype=np.float64).tolist(),  # voxel (i, j, k) -> RAS mm
         }
         return Volume(
             array=array.astype(np.float32, copy=False), units="HU", spacing=spacing, source=str(path),

@@ -24,9 +24,8 @@ from ..viz import save_overlay
 from .checkpoint import load_checkpoint
 from .evaluate import evaluate_segmentation
 from .evaluate_classifier import evaluate_classifier, write_classification_outputs
-from .io import write_json
+from .io import safe_filename, write_json
 from .loop import resolve_device
-from .predict import safe_filename
 
 __all__ = ["evaluation_data", "scoring_cls_bn", "evaluate_checkpoint"]
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from ..errors import ConfigError
 
-__all__ = ["World", "setup_world", "average_gradients", "mean_over_ranks", "any_rank", "gather_objects",
+__all__ = ["World", "resolve_device", "setup_world", "average_gradients", "mean_over_ranks", "any_rank", "gather_objects",
            "broadcast_module", "barrier", "shutdown_world"]
 
 
@@ -47,11 +47,18 @@ class World:
         return self.size > 1
 
 
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
 def setup_world(device_name: str) -> tuple[World, torch.device]:
     """The process group ``torchrun`` describes in the environment (``WORLD_SIZE``,
     ``RANK``, ``LOCAL_RANK``), and this rank's device; one process without them."""
-    from .loop import resolve_device
-
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World(), resolve_device(device_name)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable
 
 from ..config import to_dict
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "sha256_file", "write_json", "save_config"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "sha256_file", "write_json", "save_config",
+           "safe_filename"]
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -77,3 +79,8 @@ def save_config(cfg, path: str | Path) -> None:
 
 
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def safe_filename(text: str) -> str:
+    """A sample id or stem as a portable file name (``P001#0003`` -> ``P001_0003``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "slice"

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..data.sample import collate_samples
 from ..errors import ConfigError, NonFiniteLossError
 from .checkpoint import save_checkpoint
-from .distributed import World, any_rank, barrier, gather_objects
+from .distributed import World, any_rank, barrier, gather_objects, resolve_device
 from .io import write_json
 
 __all__ = [
@@ -69,15 +69,6 @@ class TrainStep(Protocol):
     def resume_state(self) -> dict: ...
 
     def validate(self, dataset, device: torch.device, progress: bool) -> tuple[dict, dict, str]: ...
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-    return device
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:

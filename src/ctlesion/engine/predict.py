@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -12,10 +11,11 @@ from torch.utils.data import DataLoader
 
 from ..data.sample import Sample, collate_samples
 from ..models.maskrcnn import set_detection_settings
-from ..viz import save_overlay
+from ..viz import draw_overlay
 from .evaluate import run_detector
+from .io import safe_filename
 
-__all__ = ["PredictSummary", "prediction_record", "predict_inputs", "safe_filename"]
+__all__ = ["PredictSummary", "prediction_record", "predict_inputs", "safe_filename", "volume_hooks"]
 
 
 @dataclass
@@ -25,11 +25,8 @@ class PredictSummary:
     detections: int
     predictions_file: Path
     overlay_dir: Path | None
-
-
-def safe_filename(text: str) -> str:
-    """A sample id or stem as a portable file name (``P001#0003`` -> ``P001_0003``)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "slice"
+    volumes: list[dict] = field(default_factory=list)  # summary.json of each volume written
+    report: Path | None = None
 
 
 def prediction_record(sample: Sample, pred: dict[str, torch.Tensor], class_names: tuple[str, ...]) -> dict:
@@ -59,14 +56,17 @@ def prediction_record(sample: Sample, pred: dict[str, torch.Tensor], class_names
 def predict_inputs(
     model: torch.nn.Module, dataset, out_dir: str | Path, device: torch.device, *,
     score_thresh: float | None = None, overlays: str = "all", progress: bool = True,
-    batch_size: int = 1,
+    batch_size: int = 1, volume_outputs=None, model_info: dict | None = None,
 ) -> PredictSummary:
     """Write ``out_dir/predictions.jsonl`` (one line per slice) and ``out_dir/overlays/*.png``.
 
     ``overlays``: ``all`` slices, only slices ``lesions`` were found on, or ``none``.
     ``score_thresh`` overrides the checkpoint's detection threshold.
+    ``volume_outputs`` (:class:`~ctlesion.outputs.writer.VolumeOutputOptions`, ``None``:
+    none): per DICOM series / NIfTI volume, ``out_dir/<volume>/`` (label and instance
+    NIfTI, DICOM-SEG, ``summary.json``) and ``out_dir/report.html``; ``model_info`` is
+    recorded in them.
     """
-
     if overlays not in ("all", "lesions", "none"):
         raise ValueError(f"overlays must be all, lesions or none, not {overlays!r}")
     out_dir = Path(out_dir)
@@ -80,6 +80,7 @@ def predict_inputs(
     slices = with_lesions = detections = 0
     pred_path = out_dir / "predictions.jsonl"
     tmp_path = out_dir / ".predictions.jsonl.partial"
+    assembler, writer = volume_hooks(dataset, class_names, None, out_dir, volume_outputs, model_info)
     with open(tmp_path, "w") as fh:
         for sample, pred in run_detector(model, loader, device, 0.5, progress, len(loader)):
             record = prediction_record(sample, pred, class_names)
@@ -87,14 +88,37 @@ def predict_inputs(
             slices += 1
             detections += len(record["scores"])
             with_lesions += int(bool(record["scores"]))
-            if overlay_dir is not None and (overlays == "all" or record["scores"]):
+            draw = overlay_dir is not None and (overlays == "all" or record["scores"])
+            tile = None
+            if draw or writer is not None:
+                tile = draw_overlay(sample.image, prediction=pred, class_names=class_names,
+                                    score_threshold=draw_thresh,
+                                    title=f"{sample.sample_id}  slice {sample.slice_index}")
+            if draw:
                 name = safe_filename(Path(str(sample.source)).stem)
                 if sample.sample_id != Path(str(sample.source)).stem:
                     name = safe_filename(sample.sample_id)
-                save_overlay(
-                    overlay_dir / f"{name}.png", sample.image, prediction=pred,
-                    class_names=class_names, score_threshold=draw_thresh,
-                    title=f"{sample.sample_id}  slice {sample.slice_index}",
-                )
+                overlay_dir.mkdir(parents=True, exist_ok=True)
+                tile.save(overlay_dir / f"{name}.png", format="PNG")
+            if assembler is not None and (done := assembler.add(sample, pred, tile=tile)) is not None:
+                writer.write(done)
     tmp_path.replace(pred_path)
-    return PredictSummary(slices, with_lesions, detections, pred_path, overlay_dir)
+    report = None
+    if assembler is not None:
+        if (done := assembler.close()) is not None:
+            writer.write(done)
+        report = writer.finish()
+    return PredictSummary(slices, with_lesions, detections, pred_path, overlay_dir,
+                          writer.volumes if writer is not None else [], report)
+
+
+def volume_hooks(dataset, class_names, probability_names, out_dir, options, model_info):
+    """The per-volume collector and writer, or ``(None, None)`` when volume outputs are off."""
+    if options is None or not options.any:
+        return None, None
+    from .. import __version__
+    from ..outputs.assemble import VolumeAssembler
+    from ..outputs.writer import VolumeOutputWriter
+
+    assembler = VolumeAssembler(dataset, class_names, probability_names, thumbnails=options.report)
+    return assembler, VolumeOutputWriter(out_dir, options, model_info or {}, version=__version__)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,8 +29,8 @@ from ..models.maskrcnn import set_detection_settings
 from ..viz import draw_overlay, draw_roi_weights
 from .evaluate import compact_prediction
 from .evaluate_classifier import run_classifier, slice_record
-from .io import write_json
-from .predict import prediction_record, safe_filename
+from .io import safe_filename, write_json
+from .predict import prediction_record, volume_hooks
 
 __all__ = ["ClassifyPredictSummary", "predict_classification"]
 
@@ -43,18 +43,23 @@ class ClassifyPredictSummary:
     predictions_file: Path
     patients_file: Path
     overlay_dir: Path | None
+    volumes: list[dict] = field(default_factory=list)  # summary.json of each volume written
+    report: Path | None = None
 
 
 def predict_classification(
     model, dataset, out_dir: str | Path, device: torch.device, *, cls_bn: str = "eval",
     overlays: str = "all", method: str = "abnormal_fraction", min_abnormal_fraction: float = 0.1,
     score_thresh: float | None = None, seed: int = 0, progress: bool = True,
+    volume_outputs=None, model_info: dict | None = None,
 ) -> ClassifyPredictSummary:
     """Classify every slice of ``dataset`` and aggregate per source volume.
 
     ``overlays``: ``all`` slices, ``abnormal`` (slices not predicted as the first class,
     or with lesions), or ``none``. ``score_thresh`` overrides the detector's threshold for
-    the lesions listed and drawn.
+    the lesions listed and drawn. ``volume_outputs`` / ``model_info``: as for
+    :func:`~ctlesion.engine.predict.predict_inputs`; each volume's ``summary.json`` also
+    holds its per-slice probabilities and the verdict of ``patients.json``.
     """
 
     if overlays not in ("all", "abnormal", "none"):
@@ -76,6 +81,15 @@ def predict_classification(
     pred_path = out_dir / "predictions.jsonl"
     tmp_path = out_dir / ".predictions.jsonl.partial"
     slices = 0
+    assembler, writer = volume_hooks(dataset, lesion_names, names, out_dir, volume_outputs, model_info)
+
+    def verdict_of(probs) -> dict:
+        return patient_verdict(torch.tensor(probs).numpy(), names, method=method,
+                               min_abnormal_fraction=min_abnormal_fraction)
+
+    def write_volume(done) -> None:
+        writer.write(done, verdict=verdict_of(done.probabilities) if done.probabilities else None)
+
     with open(tmp_path, "w") as fh:
         for sample, probs, rois, det in run_classifier(model, loader, device, cls_bn=cls_bn, seed=seed,
                                                        with_detections=has_masks, progress=progress,
@@ -93,24 +107,33 @@ def predict_classification(
             counts[record["predicted_class"]] += 1
             by_volume.setdefault(record["volume"], []).append(probs.tolist())
             abnormal = record["predicted"] != 0 or bool(lesions is not None and len(lesions["scores"]))
-            if overlay_dir is not None and (overlays == "all" or abnormal):
+            draw = overlay_dir is not None and (overlays == "all" or abnormal)
+            tile = None
+            if draw or writer is not None:
                 p = record["probabilities"][record["predicted_class"]]
                 title = f"{sample.sample_id}: {record['predicted_class']} {p:.2f}"
                 tile = draw_overlay(sample.image, prediction=lesions, class_names=lesion_names or ("lesion",),
                                     score_threshold=draw_thresh, title=title)
                 if rois is not None and rois.get("weights") is not None:
                     tile = draw_roi_weights(sample.image, rois["boxes"], rois["weights"], title=title)
+            if draw:
                 overlay_dir.mkdir(parents=True, exist_ok=True)
                 tile.save(overlay_dir / f"{safe_filename(sample.sample_id)}.png")
+            if assembler is not None and (done := assembler.add(sample, lesions, probs, tile=tile)) is not None:
+                write_volume(done)
     tmp_path.replace(pred_path)
+    report = None
+    if assembler is not None:
+        if (done := assembler.close()) is not None:
+            write_volume(done)
+        report = writer.finish()
 
     patients = {}
     for source, probs in by_volume.items():
-        verdict = patient_verdict(torch.tensor(probs).numpy(), names, method=method,
-                                  min_abnormal_fraction=min_abnormal_fraction)
-        patients[source] = verdict
+        patients[source] = verdict_of(probs)
     patients_path = out_dir / "patients.json"
 
     write_json(patients_path, {"method": method, "min_abnormal_fraction": min_abnormal_fraction,
                                "volumes": patients})
-    return ClassifyPredictSummary(slices, counts, patients, pred_path, patients_path, overlay_dir)
+    return ClassifyPredictSummary(slices, counts, patients, pred_path, patients_path, overlay_dir,
+                                  writer.volumes if writer is not None else [], report)
