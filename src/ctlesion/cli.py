@@ -136,20 +136,6 @@ def _volume_outputs(args: argparse.Namespace):
                                report=not args.no_report)
 
 
-def _model_info(args: argparse.Namespace, model, cfg, meta, dataset) -> dict:
-    """What the report and every summary.json say about the model that made them."""
-    roi = getattr(getattr(model, "detector", model), "roi_heads", None)
-    settings = {"task": meta.get("task", "segmentation"), "mask_type": cfg.model.detector.mask_type,
-                "window": dataset.window, "size": dataset.size}
-    if roi is not None and hasattr(roi, "score_thresh"):
-        settings.update(score_thresh=args.score_thresh if args.score_thresh is not None else float(roi.score_thresh),
-                        nms_thresh=float(roi.nms_thresh), detections_per_img=int(roi.detections_per_img))
-    if meta.get("task", "segmentation") != "segmentation":
-        settings.update(aggregate=args.aggregate, min_abnormal_fraction=args.min_abnormal_fraction)
-    return {"name": cfg.model.name, "checkpoint": str(Path(args.checkpoint).resolve()),
-            "checkpoint_sha256": meta.get("files", {}).get("model.safetensors"), "settings": settings}
-
-
 def _print_volume_outputs(summary) -> None:
     for vol in summary.volumes:
         burden = vol["burden"]
@@ -163,27 +149,13 @@ def _print_volume_outputs(summary) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .data.datasets import VolumeDataset
-    from .engine.checkpoint import load_checkpoint
-    from .engine.predict import predict_inputs
-    from .engine.train import resolve_device
+    from .engine.api import predict_checkpoint
 
-    model, cfg, meta = load_checkpoint(args.checkpoint)
-    dataset = VolumeDataset(args.inputs, window=args.window or "auto",
-                            mask_type=cfg.model.detector.mask_type,
-                            size=args.size if args.size is not None else cfg.data.size)
-    volume_outputs = _volume_outputs(args)
-    info = _model_info(args, model, cfg, meta, dataset)
-    if meta.get("task", "segmentation") != "segmentation":
-        from .engine.predict_classifier import predict_classification
-
-        overlays = {"lesions": "abnormal"}.get(args.overlays, args.overlays)
-        cls_bn = cfg.train.cls_bn if cfg.train.cls_bn != "auto" else "eval"
-        summary = predict_classification(
-            model, dataset, args.out, resolve_device(args.device), cls_bn=cls_bn, overlays=overlays,
-            method=args.aggregate, min_abnormal_fraction=args.min_abnormal_fraction,
-            score_thresh=args.score_thresh, progress=not args.quiet, volume_outputs=volume_outputs,
-            model_info=info)
+    summary = predict_checkpoint(
+        args.checkpoint, args.inputs, args.out, window=args.window, size=args.size, score_thresh=args.score_thresh,
+        overlays=args.overlays, volume_outputs=_volume_outputs(args), aggregate=args.aggregate,
+        min_abnormal_fraction=args.min_abnormal_fraction, device=args.device, progress=not args.quiet)
+    if hasattr(summary, "class_counts"):     # a slice classifier
         counts = ", ".join(f"{n} {c}" for n, c in summary.class_counts.items())
         print(f"{summary.slices} slices: {counts}")
         for source, verdict in summary.patients.items():
@@ -191,17 +163,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             print(f"{source}: {verdict['class']} ({verdict['abnormal_slices']}/{verdict['num_slices']} "
                   f"abnormal slices; {probs})")
         print(f"predictions: {summary.predictions_file}; per-volume verdicts: {summary.patients_file}")
-        if summary.overlay_dir is not None:
-            print(f"overlays: {summary.overlay_dir}")
-        _print_volume_outputs(summary)
-        return 0
-    summary = predict_inputs(model, dataset, args.out, resolve_device(args.device),
-                             score_thresh=args.score_thresh,
-                             overlays={"abnormal": "lesions"}.get(args.overlays, args.overlays),
-                             progress=not args.quiet, volume_outputs=volume_outputs, model_info=info)
-    print(f"{summary.slices} slices, {summary.slices_with_lesions} with lesions, "
-          f"{summary.detections} detections")
-    print(f"predictions: {summary.predictions_file}")
+    else:
+        print(f"{summary.slices} slices, {summary.slices_with_lesions} with lesions, "
+              f"{summary.detections} detections")
+        print(f"predictions: {summary.predictions_file}")
     if summary.overlay_dir is not None:
         print(f"overlays: {summary.overlay_dir}")
     _print_volume_outputs(summary)

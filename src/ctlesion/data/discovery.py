@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from ..errors import DataError
-from .readers import IMAGE_SUFFIXES, is_image, is_nifti, looks_like_dicom, path_stem
+from .readers import IMAGE_SUFFIXES, PIXEL_TAGS, is_image, is_nifti, looks_like_dicom, path_stem
 
 __all__ = ["natural_key", "split_lines", "read_split", "folder_has_dicom", "discover_inputs", "count_slices"]
 
@@ -83,12 +83,25 @@ def discover_inputs(paths: str | Path | list[str | Path]) -> list[Path]:
     return found
 
 
+def _holds_pixels(path: Path) -> bool:
+    """Whether a DICOM file holds an image (a structured report or a stub does not); the
+    pixel bytes are not read (values over 1 KB are deferred)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, defer_size=1024)
+    except Exception:
+        return True   # unreadable: the reader skips it, or reports it, by name
+    return any(tag in ds for tag in PIXEL_TAGS)
+
+
 def count_slices(path: Path) -> int:
     """Slices in one input without decoding pixels."""
     if path.is_dir():
         from pydicom.misc import is_dicom
 
-        return sum(1 for f in path.iterdir() if f.is_file() and not f.name.startswith(".") and is_dicom(f))
+        files = [f for f in path.iterdir() if f.is_file() and not f.name.startswith(".") and is_dicom(f)]
+        return sum(1 for f in files if _holds_pixels(f))
     if is_nifti(path):
         import nibabel as nib
 

@@ -31,6 +31,8 @@ from .masks import BACKGROUND, CONSOLIDATION, extract_instances
 from .sample import Sample, empty_target
 from .windowing import apply_window, describe_window, resolve_window
 
+PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")  # what holds an image
+
 __all__ = [
     "Volume", "ImageReader", "PillowReader", "DicomReader", "NiftiReader", "IMAGE_SUFFIXES",
     "NIFTI_SUFFIXES", "read_volume", "volume_to_samples", "make_sample", "path_stem",
@@ -284,6 +286,20 @@ class DicomReader(ImageReader):
             raise DataError(f"{files[0].parent}: no readable DICOM file")
         return loaded
 
+    @staticmethod
+    def _without_pixel_less(folder: Path, loaded) -> list:
+        """Drop objects that hold no image (a structured report, a presentation state, a
+        localizer stub without pixels) from a series folder, with a warning naming them."""
+        kept = [(f, ds) for f, ds in loaded if any(tag in ds for tag in PIXEL_TAGS)]
+        dropped = [f"{f.name} ({str(ds.get('Modality', '') or '?')})" for f, ds in loaded
+                   if not any(tag in ds for tag in PIXEL_TAGS)]
+        if dropped:
+            warnings.warn(f"{folder}: skipping {len(dropped)} DICOM object(s) without pixel data: "
+                          f"{', '.join(dropped[:10])}{' ...' if len(dropped) > 10 else ''}", stacklevel=3)
+        if not kept:
+            raise DataError(f"{folder}: no DICOM file in the folder holds pixel data")
+        return kept
+
     def _check_modality(self, loaded) -> str:
         modalities = set()
         for f, ds in loaded:
@@ -327,7 +343,7 @@ class DicomReader(ImageReader):
         if not path.exists():
             raise FileNotFoundError(f"DICOM path not found: {path}")
         if path.is_dir():
-            loaded = self._load(self._series_files(path), skip_bad=True)
+            loaded = self._without_pixel_less(path, self._load(self._series_files(path), skip_bad=True))
         else:
             loaded = self._load([path], skip_bad=False)
         modality = self._check_modality(loaded)

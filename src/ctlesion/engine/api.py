@@ -1,5 +1,5 @@
-"""Scoring a checkpoint as ``ctlesion evaluate`` does, as a library function (the CLI only
-parses arguments and prints what this returns).
+"""Scoring and running a checkpoint as ``ctlesion evaluate`` and ``predict`` do, as library
+functions (the CLI only parses arguments and prints what these return).
 
 The rules of what evaluation inherits from training live here, once:
 
@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..config import DataConfig, EvalConfig, ExperimentConfig
+from ..data.datasets import VolumeDataset
 from ..data.factory import build_dataset, parse_data_spec
 from ..errors import ConfigError
 from ..viz import save_overlay
@@ -26,8 +27,10 @@ from .evaluate import evaluate_segmentation
 from .evaluate_classifier import evaluate_classifier, write_classification_outputs
 from .io import safe_filename, write_json
 from .loop import resolve_device
+from .predict import predict_inputs
+from .predict_classifier import predict_classification
 
-__all__ = ["evaluation_data", "scoring_cls_bn", "evaluate_checkpoint"]
+__all__ = ["evaluation_data", "scoring_cls_bn", "evaluate_checkpoint", "predict_checkpoint", "model_info"]
 
 
 def evaluation_data(spec: str | DataConfig, trained: DataConfig | None, *, min_area: int | None = None,
@@ -119,3 +122,46 @@ def evaluate_checkpoint(
     title = title or f"{cfg.model.name}: {metrics['num_samples']} slices"
     write_classification_outputs(out, metrics, records, title=title.format(n=metrics["num_samples"]))
     return metrics
+
+
+def model_info(checkpoint: str | Path, model, cfg: ExperimentConfig, meta: dict, dataset,
+               score_thresh: float | None = None, aggregate: dict | None = None) -> dict:
+    """What the report and every ``summary.json`` say about the model that made them."""
+    roi = getattr(getattr(model, "detector", model), "roi_heads", None)
+    settings = {"task": meta.get("task", "segmentation"), "mask_type": cfg.model.detector.mask_type,
+                "window": dataset.window, "size": dataset.size}
+    if roi is not None and hasattr(roi, "score_thresh"):
+        settings.update(score_thresh=score_thresh if score_thresh is not None else float(roi.score_thresh),
+                        nms_thresh=float(roi.nms_thresh), detections_per_img=int(roi.detections_per_img))
+    settings.update(aggregate or {})
+    return {"name": cfg.model.name, "checkpoint": str(Path(checkpoint).resolve()),
+            "checkpoint_sha256": meta.get("files", {}).get("model.safetensors"), "settings": settings}
+
+
+def predict_checkpoint(
+    checkpoint: str | Path, inputs: list[str | Path], out: str | Path, *, window: str | None = None,
+    size: int | None = None, score_thresh: float | None = None, overlays: str = "all", volume_outputs=None,
+    aggregate: str = "abnormal_fraction", min_abnormal_fraction: float = 0.1, device: str = "auto",
+    progress: bool = True,
+):
+    """Run ``checkpoint`` on PNG/JPG slices, DICOM files or series and NIfTI volumes; outputs
+    in ``out`` (see ``ctlesion predict``). The window is the inputs' own (``auto``) unless
+    given; the slice size is the training data's unless given. ``overlays``: ``all``,
+    ``lesions``/``abnormal`` (slices with findings), ``none``. Returns the summary
+    (:class:`~ctlesion.engine.predict.PredictSummary` for detectors,
+    :class:`~ctlesion.engine.predict_classifier.ClassifyPredictSummary` for classifiers)."""
+    model, cfg, meta = load_checkpoint(checkpoint)
+    dataset = VolumeDataset(inputs, window=window or "auto", mask_type=cfg.model.detector.mask_type,
+                            size=size if size is not None else cfg.data.size)
+    dev = resolve_device(device)
+    if meta.get("task", "segmentation") == "segmentation":
+        info = model_info(checkpoint, model, cfg, meta, dataset, score_thresh)
+        return predict_inputs(model, dataset, out, dev, score_thresh=score_thresh,
+                              overlays={"abnormal": "lesions"}.get(overlays, overlays), progress=progress,
+                              volume_outputs=volume_outputs, model_info=info)
+    info = model_info(checkpoint, model, cfg, meta, dataset, score_thresh,
+                      {"aggregate": aggregate, "min_abnormal_fraction": min_abnormal_fraction})
+    return predict_classification(
+        model, dataset, out, dev, cls_bn=scoring_cls_bn(cfg), overlays={"lesions": "abnormal"}.get(overlays, overlays),
+        method=aggregate, min_abnormal_fraction=min_abnormal_fraction, score_thresh=score_thresh,
+        progress=progress, volume_outputs=volume_outputs, model_info=info)

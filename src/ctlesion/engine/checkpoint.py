@@ -10,14 +10,19 @@ Layout of a checkpoint folder::
                         and the SHA-256 of every other file
 
 A checkpoint is built in a temporary sibling folder and swapped in by renames, so a
-crash leaves either the old or the new checkpoint. ``meta.json``'s hashes catch a
-folder whose files were damaged or mixed afterwards.
+crash leaves either the old or the new checkpoint: a process killed between the two
+renames leaves no folder at ``path`` but a complete ``.NAME.tmp-*`` (the new one) and the
+``.NAME.old-*`` (the previous one); :func:`read_meta` puts the newest complete one back.
+``meta.json`` is written last and its hashes catch a folder whose files were damaged or
+mixed afterwards. Leftovers of interrupted saves are removed by the next save.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,14 +79,19 @@ def save_checkpoint(
     task = task or get_entry(config.model.name).task
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        _recover(path)             # a save killed between its renames: the newest complete one back
+    _remove_leftovers(path)
     tmp = path.parent / f".{path.name}.tmp-{time.time_ns()}"
     tmp.mkdir()
     try:
         save_file(_state_dict_for_safetensors(model), str(tmp / WEIGHTS))
+        _test_kill_point()
         save_config(config, tmp / CONFIG)
         files = [WEIGHTS, CONFIG]
         if train_state is not None:
             torch.save(train_state, tmp / STATE)
+            _test_kill_point()
             files.append(STATE)
         meta = {
             "format_version": FORMAT_VERSION,
@@ -97,10 +107,13 @@ def save_checkpoint(
         if source is not None:
             meta["source"] = source
         atomic_write_text(tmp / META, json.dumps(meta, indent=2))
+        _test_kill_point()
         old = path.parent / f".{path.name}.old-{time.time_ns()}"
         if path.exists():
             path.rename(old)
+            _test_kill_point()
         tmp.rename(path)
+        _test_kill_point()
         if old.exists():
             shutil.rmtree(old)
     except BaseException:
@@ -109,14 +122,55 @@ def save_checkpoint(
     return path
 
 
+_KILL_POINTS = {"count": 0}
+
+
+def _test_kill_point() -> None:
+    """Fault-injection hook for the kill-during-save test: with ``CTLESION_TEST_KILL_AT=k``
+    the process SIGKILLs itself at the k-th point of checkpoint writing (no cleanup runs)."""
+    target = os.environ.get("CTLESION_TEST_KILL_AT")
+    if target is not None:
+        _KILL_POINTS["count"] += 1
+        if _KILL_POINTS["count"] == int(target):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _leftovers(path: Path, kind: str) -> list[Path]:
+    """``.NAME.tmp-*`` / ``.NAME.old-*`` folders of interrupted saves, newest first."""
+    if not path.parent.is_dir():
+        return []
+    return sorted(path.parent.glob(f".{path.name}.{kind}-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]),
+                  reverse=True)
+
+
+def _complete(folder: Path) -> bool:
+    try:
+        read_meta(folder)
+        return True
+    except CheckpointError:
+        return False
+
+
+def _recover(path: Path) -> Path | None:
+    """Put back the newest complete checkpoint an interrupted save left beside ``path``: the
+    new one (``tmp``, meta written) if complete, else the previous one (``old``)."""
+    for candidate in _leftovers(path, "tmp") + _leftovers(path, "old"):
+        if _complete(candidate):
+            candidate.rename(path)
+            return path
+    return None
+
+
+def _remove_leftovers(path: Path) -> None:
+    for folder in _leftovers(path, "tmp") + _leftovers(path, "old"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def read_meta(path: Path, verify: bool = True) -> dict:
-    """``meta.json`` of checkpoint folder ``path``, each file checked against its SHA-256."""
-    if not path.is_dir():
-        hint = ""
-        olds = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.is_dir() else []
-        if olds:
-            hint = f"; an interrupted save left the previous checkpoint at {olds[-1]}"
-        raise CheckpointError(f"checkpoint folder not found: {path}{hint}")
+    """``meta.json`` of checkpoint folder ``path``, each file checked against its SHA-256.
+    A folder an interrupted save left missing is first recovered from its leftovers."""
+    if not path.is_dir() and _recover(path) is None:
+        raise CheckpointError(f"checkpoint folder not found: {path}")
     meta_path = path / META
     if not meta_path.is_file():
         raise CheckpointError(f"{path}: no {META}; the checkpoint is incomplete (interrupted save?)")

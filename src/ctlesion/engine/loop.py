@@ -208,6 +208,21 @@ def _validation(step: TrainStep, dataset, device, log, progress: bool, world: Wo
     return validate
 
 
+def _snapshot(model: torch.nn.Module) -> tuple[dict, dict]:
+    """What a forward changes before a non-finite loss is noticed: the RNG and the buffers
+    (BatchNorm running statistics). Parameters only change at the optimiser step, after the
+    check."""
+    return rng_state(), {name: buf.detach().clone() for name, buf in model.named_buffers()}
+
+
+def _restore_snapshot(model: torch.nn.Module, snapshot: tuple[dict, dict]) -> None:
+    set_rng_state(snapshot[0])
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for name, value in snapshot[1].items():
+            buffers[name].copy_(value)
+
+
 def run_loop(cfg, out_dir: Path, model: torch.nn.Module, dataset, step: TrainStep, optimizer, *,
              task: str, start: float, state: LoopState, val_dataset=None, device=None,
              progress: bool = True, resumed: bool = False, world: World = World()) -> TrainResult:
@@ -250,7 +265,15 @@ def run_loop(cfg, out_dir: Path, model: torch.nn.Module, dataset, step: TrainSte
                 index = state.epoch * per_epoch + state.batch_pos
                 state.batch_pos += 1
                 bar.update(1)
-                record = step.run(samples, index, total, state.epoch, state.step)
+                good = _snapshot(model)
+                try:
+                    record = step.run(samples, index, total, state.epoch, state.step)
+                except NonFiniteLossError as exc:
+                    _restore_snapshot(model, good)
+                    state.batch_pos -= 1           # resume retries this batch, once its data is fixed
+                    checkpoint(out_dir / "checkpoint", state.epoch, state.batch_pos)
+                    raise NonFiniteLossError(f"{exc}; the last good state is saved in {out_dir / 'checkpoint'}: "
+                                             "fix the data, then --resume") from None
                 if record is None:
                     continue
                 state.step += 1
