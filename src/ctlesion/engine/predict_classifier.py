@@ -47,6 +47,30 @@ class ClassifyPredictSummary:
     report: Path | None = None
 
 
+def _slice_prediction(sample, probs, rois, det, names, lesion_names) -> tuple[dict, dict | None]:
+    """One line of ``predictions.jsonl`` (with the lesions of a detector-based model) and the
+    compact lesions."""
+    record = slice_record(sample, probs, names, rois)
+    record.pop("label")
+    record["volume"] = sample.meta.get("volume", str(sample.source))  # the key of patients.json
+    lesions = None
+    if det is not None:
+        lesions = compact_prediction(det, 0.5)
+        found = prediction_record(sample, lesions, lesion_names)
+        record["lesions"] = {k: found[k] for k in ("boxes", "scores", "classes", "areas_px", "areas_mm2")}
+    return record, lesions
+
+
+def _tile(sample, record, lesions, rois, lesion_names, draw_thresh):
+    """The overlay of one slice: its lesions, or the RoIs a mask-feature head weighted."""
+    p = record["probabilities"][record["predicted_class"]]
+    title = f"{sample.sample_id}: {record['predicted_class']} {p:.2f}"
+    if rois is not None and rois.get("weights") is not None:
+        return draw_roi_weights(sample.image, rois["boxes"], rois["weights"], title=title)
+    return draw_overlay(sample.image, prediction=lesions, class_names=lesion_names or ("lesion",),
+                        score_threshold=draw_thresh, title=title)
+
+
 def predict_classification(
     model, dataset, out_dir: str | Path, device: torch.device, *, cls_bn: str = "eval",
     overlays: str = "all", method: str = "abnormal_fraction", min_abnormal_fraction: float = 0.1,
@@ -94,14 +118,7 @@ def predict_classification(
         for sample, probs, rois, det in run_classifier(model, loader, device, cls_bn=cls_bn, seed=seed,
                                                        with_detections=has_masks, progress=progress,
                                                        total=len(loader)):
-            record = slice_record(sample, probs, names, rois)
-            record.pop("label")
-            record["volume"] = sample.meta.get("volume", str(sample.source))  # the key of patients.json
-            lesions = None
-            if det is not None:
-                lesions = compact_prediction(det, 0.5)
-                found = prediction_record(sample, lesions, lesion_names)
-                record["lesions"] = {k: found[k] for k in ("boxes", "scores", "classes", "areas_px", "areas_mm2")}
+            record, lesions = _slice_prediction(sample, probs, rois, det, names, lesion_names)
             fh.write(json.dumps(record) + "\n")
             slices += 1
             counts[record["predicted_class"]] += 1
@@ -110,12 +127,7 @@ def predict_classification(
             draw = overlay_dir is not None and (overlays == "all" or abnormal)
             tile = None
             if draw or writer is not None:
-                p = record["probabilities"][record["predicted_class"]]
-                title = f"{sample.sample_id}: {record['predicted_class']} {p:.2f}"
-                tile = draw_overlay(sample.image, prediction=lesions, class_names=lesion_names or ("lesion",),
-                                    score_threshold=draw_thresh, title=title)
-                if rois is not None and rois.get("weights") is not None:
-                    tile = draw_roi_weights(sample.image, rois["boxes"], rois["weights"], title=title)
+                tile = _tile(sample, record, lesions, rois, lesion_names, draw_thresh)
             if draw:
                 overlay_dir.mkdir(parents=True, exist_ok=True)
                 tile.save(overlay_dir / f"{safe_filename(sample.sample_id)}.png")
