@@ -74,7 +74,6 @@ AUTHOR_EVALUATION: dict[str, dict[str, dict[str, Any]]] = {
         "train": {"cls_bn": "batch"},
     },
 }
-_FAMILY_PREFIX = {"ssm": "ssm", "ssm-2branch": "ssm", "ssm-detector": "ssm-detector"}
 # Detector classes (with background) -> mask type, where the registry entry's differs.
 _MASK_TYPE_BY_CLASSES = {2: "merge", 3: "both", 4: "separate"}
 
