@@ -106,12 +106,14 @@ def average_gradients(params: list[torch.nn.Parameter], world: World, weight: fl
     return total
 
 
-def mean_over_ranks(value: float, weight: float, world: World, device) -> float:
-    """The ``weight``-weighted mean of a per-rank number (a loss) over all ranks."""
+def mean_over_ranks(value: float, weight: float, world: World, device) -> tuple[float, float]:
+    """The ``weight``-weighted mean of a per-rank number (a loss) over all ranks, and the
+    total weight (0: no rank had a sample; the mean is then NaN)."""
     if not world.distributed:
-        return value
+        return value, weight
     t = _sum(torch.tensor([value * weight, weight], dtype=torch.float64, device=device))
-    return float(t[0] / t[1]) if float(t[1]) > 0 else float("nan")
+    total = float(t[1])
+    return (float(t[0]) / total if total > 0 else float("nan")), total
 
 
 def any_rank(flag: bool, world: World, device) -> bool:

@@ -107,9 +107,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def check_finite(loss: torch.Tensor, what: str, epoch: int, step: int, ids: list[str], terms: dict) -> None:
+def check_finite(loss: float, what: str, epoch: int, step: int, ids: list[str], terms: dict) -> None:
     """Raise :class:`NonFiniteLossError` naming the batch when ``loss`` is NaN or infinite."""
-    if not math.isfinite(float(loss.detach())):
+    if not math.isfinite(loss):
         raise NonFiniteLossError(f"non-finite {what}loss at epoch {epoch + 1}, step {step + 1}, "
                                  f"samples {ids}: {terms}")
 

@@ -40,7 +40,7 @@ from .checkpoint import WEIGHTS, read_meta
 from .evaluate import evaluate_segmentation
 from .evaluate_classifier import evaluate_classifier
 from .labels import check_dataset_classes, slice_labels
-from .distributed import World, any_rank, average_gradients, mean_over_ranks
+from .distributed import World, average_gradients, mean_over_ranks
 from .loop import check_finite, scheduled_lr
 
 __all__ = [
@@ -176,7 +176,7 @@ class Updater:
 
     def __init__(self, model, optimizer, cfg: ExperimentConfig, device, world: World,
                  scaler_state: dict | None = None) -> None:
-        self.model, self.optimizer, self.tc, self.device, self.world = model, optimizer, cfg.train, device, world
+        self.optimizer, self.tc, self.device, self.world = optimizer, cfg.train, device, world
         self.named = dict(model.named_parameters())
         self.params = list(self.named.values())
         amp = cfg.train.amp
@@ -190,17 +190,17 @@ class Updater:
 
     def mean(self, values: dict[str, float], weight: float) -> dict[str, float]:
         """Per-rank numbers as their sample-weighted mean over ranks (for the log)."""
-        return {k: mean_over_ranks(v, weight, self.world, self.device) for k, v in values.items()}
+        return {k: mean_over_ranks(v, weight, self.world, self.device)[0] for k, v in values.items()}
 
     def update(self, loss, weight: float, keep: set[str] | None, *, what: str, epoch: int, step: int, ids: list[str],
                terms: dict, index: int, total: int, before_step=None) -> float | None:
-        """Returns the global mean loss (``None``: no rank had a sample, nothing changed)."""
+        """Returns the global mean loss (``None``: no rank had a sample, nothing changed).
+        ``before_step(mean)`` runs after the gradients are final, before the optimiser step."""
         local = float(loss.detach()) if loss is not None else 0.0
-        total_weight = any_rank(weight > 0, self.world, self.device)
+        mean, total_weight = mean_over_ranks(local, weight, self.world, self.device)
         if not total_weight:
             return None
-        mean = mean_over_ranks(local, weight, self.world, self.device)
-        check_finite(torch.tensor(mean), what, epoch, step, ids, terms)
+        check_finite(mean, what, epoch, step, ids, terms)
         self.optimizer.zero_grad(set_to_none=True)
         if loss is not None:
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -209,7 +209,8 @@ class Updater:
                 if name not in keep:
                     p.grad = None
         average_gradients(self.params, self.world, weight)
-        result = before_step(mean) if before_step is not None else None
+        if before_step is not None:
+            before_step(mean)
         for group in self.optimizer.param_groups:
             group["lr"] = scheduled_lr(self.tc, index, total)
         if self.scaler is not None:
@@ -217,10 +218,25 @@ class Updater:
             self.scaler.update()
         else:
             self.optimizer.step()
-        return mean if result is None else (mean, result)
+        return mean
 
     def state(self) -> dict:
         return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+
+
+def _segmentation_forward(forward, samples: list[Sample], updater: Updater, device) -> tuple:
+    """Mask R-CNN training losses of ``samples`` (model in train mode, under autocast):
+    ``(loss or None, terms)``; under torchrun the terms are averaged over ranks for the log."""
+    loss, terms = None, {k: 0.0 for k in SEG_TERMS}
+    if samples:
+        images, targets = zip(*(_on_device(s, device) for s in samples))
+        with updater.autocast():
+            losses = forward(list(images), list(targets))
+        loss = sum(losses.values())
+        terms = {k: float(v.detach()) for k, v in losses.items()}
+    if updater.world.distributed:
+        terms = updater.mean({k: terms.get(k, 0.0) for k in SEG_TERMS}, len(samples))
+    return loss, terms
 
 
 class SegmentationStep:
@@ -238,15 +254,7 @@ class SegmentationStep:
             samples = [s for s in samples if len(s.target["boxes"]) > 0]
         self.model.train()
         ids = [s.sample_id for s in samples]
-        loss, terms = None, {k: 0.0 for k in SEG_TERMS}
-        if samples:
-            images, targets = zip(*(_on_device(s, self.device) for s in samples))
-            with self.updater.autocast():
-                losses = self.model(list(images), list(targets))
-            loss = sum(losses.values())
-            terms = {k: float(v.detach()) for k, v in losses.items()}
-        if self.updater.world.distributed:
-            terms = self.updater.mean({k: terms.get(k, 0.0) for k in SEG_TERMS}, len(samples))
+        loss, terms = _segmentation_forward(self.model, samples, self.updater, self.device)
         mean = self.updater.update(loss, len(samples), None, what="", epoch=epoch, step=step, ids=ids, terms=terms,
                                    index=index, total=total)
         if mean is None:
@@ -306,30 +314,22 @@ class ClassificationStep:
         if sample.target is None:
             raise DataError(f"{sample.source}: seg_data needs masks ({sample.sample_id})")
         record: dict = {"seg_sample": sample.sample_id}
-        loss, terms = None, {k: 0.0 for k in SEG_TERMS}
-        has_lesions = len(sample.target["boxes"]) > 0
-        if has_lesions:
-            self.model.train()
-            image, target = _on_device(sample, self.device)
-            with self.updater.autocast():
-                losses = self.model.segmentation_losses([image], [target])
-            loss = sum(losses.values())
-            terms = {k: float(v.detach()) for k, v in losses.items()}
-        elif not world.distributed:
+        lesions = [sample] if len(sample.target["boxes"]) > 0 else []
+        if not lesions and not world.distributed:
             return record              # lesion-free: no segmentation update (the original skips it)
-        if world.distributed:
-            terms = self.updater.mean({k: terms.get(k, 0.0) for k in SEG_TERMS}, float(has_lesions))
+        self.model.train()
+        loss, terms = _segmentation_forward(self.model.segmentation_losses, lesions, self.updater, self.device)
+        copied = []
 
-        def copy(mean: float) -> bool:
-            return self.copier.should_copy(mean) and self.model.copy_segmentation_branch()
+        def copy(mean: float) -> None:
+            copied.append(self.copier.should_copy(mean) and self.model.copy_segmentation_branch())
 
-        out = self.updater.update(loss, float(has_lesions), self.detector_names, what="segmentation ", epoch=epoch,
-                                  step=step, ids=[sample.sample_id], terms=terms, index=index, total=total,
-                                  before_step=copy)   # only the detector learns from L_SEG; copy before the step
-        if out is None:
+        seg_loss = self.updater.update(loss, len(lesions), self.detector_names, what="segmentation ", epoch=epoch,
+                                       step=step, ids=[sample.sample_id], terms=terms, index=index, total=total,
+                                       before_step=copy)   # only the detector learns from L_SEG; copy before the step
+        if seg_loss is None:
             return record
-        seg_loss, copied = out
-        return {**record, "seg_loss": seg_loss, **terms, "copied": bool(copied)}
+        return {**record, "seg_loss": seg_loss, **terms, "copied": bool(copied[0])}
 
     def run(self, samples: list[Sample], index: int, total: int, epoch: int, step: int) -> dict:
         tc = self.cfg.train
