@@ -92,6 +92,10 @@ def _f1_weights(text: str | None):
         raise ConfigError(f"--f1-weights must be 'shares', 'paper' or comma-separated numbers, not {text!r}") from None
 
 
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def _print_segmentation(metrics: dict, out: Path) -> None:
     leg, coco = metrics["legacy"], metrics["coco"]
     print(f"{metrics['num_images']} images ({metrics['num_negative_images']} without lesions), "
@@ -99,6 +103,10 @@ def _print_segmentation(metrics: dict, out: Path) -> None:
     print(f"legacy (papers' per-image AP): AP50 {leg['AP50']:.4f}  AP75 {leg['AP75']:.4f}  mAP {leg['mAP']:.4f}")
     print(f"COCO segm: AP {coco['segm']['AP']:.4f}  AP50 {coco['segm']['AP50']:.4f}  AP75 {coco['segm']['AP75']:.4f}")
     print(f"COCO bbox: AP {coco['bbox']['AP']:.4f}  AP50 {coco['bbox']['AP50']:.4f}  AP75 {coco['bbox']['AP75']:.4f}")
+    if "pixel" in metrics:
+        px = metrics["pixel"]["lesion"]
+        print(f"lesion mask (per slice, score >= {metrics['pixel']['score_thresh']}): "
+              f"Dice {_num(px['dice'])}  sensitivity {_num(px['sensitivity'])}  specificity {_num(px['specificity'])}")
     written = len(metrics.get("overlay_files", []))
     print(f"wrote {out / 'metrics.json'}" + (f" and {written} overlays in {out / 'overlays'}" if written else ""))
 

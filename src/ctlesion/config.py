@@ -22,8 +22,8 @@ import yaml
 from .errors import ConfigError
 
 __all__ = [
-    "BackboneConfig", "DetectorConfig", "ClassifierConfig", "ModelConfig", "DataConfig", "TrainConfig",
-    "EvalConfig", "ExperimentConfig", "ConfigError", "CONFIG_VERSION", "update_dataclass", "apply_overrides",
+    "AugmentConfig", "BackboneConfig", "DetectorConfig", "ClassifierConfig", "ModelConfig", "DataConfig", "TrainConfig",
+    "EvalConfig", "ExperimentConfig", "ConfigError", "CONFIG_VERSION", "check_augment", "update_dataclass", "apply_overrides",
     "read_yaml", "to_dict",
 ]
 
@@ -143,6 +143,32 @@ class ModelConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Training-time augmentation (``data.augment``; off unless given), done with
+    ``torchvision.transforms.v2`` on image, boxes and masks together (boxes are then
+    re-derived from the transformed masks). Each sample's draw is a pure function of
+    ``(train.seed, epoch, sample index)``, so a resumed run sees the same images.
+
+    Geometry: horizontal and vertical flips (``flip``), a random multiple of 90° (``rot90``:
+    the model must not learn one dataset's orientation; COVID-SemiSeg is rotated by 90°
+    against DICOM), with probability ``affine_p`` a small rotation (±``degrees``), scaling
+    (``scale`` range) and shift (``translate``, a fraction of the side). Intensity, in the
+    model's ``[0, 1]`` input range: contrast (factor in ``1 ± contrast``), gamma (``gamma``
+    range), Gaussian noise (``noise_std``). A value of 0 (or ``[1, 1]``) turns one off.
+    """
+
+    flip: bool = True
+    rot90: bool = True
+    affine_p: float = 0.5
+    degrees: float = 10.0
+    scale: list[float] = field(default_factory=lambda: [0.85, 1.15])
+    translate: float = 0.05
+    contrast: float = 0.2
+    gamma: list[float] = field(default_factory=lambda: [0.8, 1.25])
+    noise_std: float = 0.01
+
+
+@dataclass
 class DataConfig:
     """Where slices come from and how they become model input.
 
@@ -181,6 +207,9 @@ class DataConfig:
     exclude_uninfected: bool = True
     # Keep only these patient ids (see ``ctlesion.data.patient_split``); None = all.
     patients: list[str] | None = None
+    # Training-time augmentation (AugmentConfig); None = none (the papers used none).
+    # Applies to ``data`` and ``seg_data`` only: scoring data is never augmented.
+    augment: AugmentConfig | None = None
 
 
 @dataclass
@@ -251,11 +280,31 @@ class EvalConfig:
     nms_thresh: float = 0.5
     detections_per_img: int = 100
     mask_thresh: float = 0.5
+    # Pixel metrics (Dice, sensitivity, specificity of the lesion mask): detections scoring
+    # at least this form the predicted mask (and at least ``score_thresh``, which filters first).
+    pixel_score_thresh: float = 0.5
     # Classification: weights of the class-weighted F1. None = the test set's class shares;
     # the papers' code uses fixed (0.45, 0.35, 0.20) for (Normal, CP, COVID) (spec §9.2).
     f1_weights: list[float] | None = None
     # Seed of the RoI-batch padding at test time (spec §10 #29).
     seed: int = 0
+
+
+def check_augment(cfg: AugmentConfig, key: str = "data.augment") -> None:
+    """Raise :class:`ConfigError` naming the key when an augmentation setting is out of range."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}.{what}")
+
+    need(0.0 <= cfg.affine_p <= 1.0, f"affine_p must be in [0, 1], not {cfg.affine_p}")
+    need(0.0 <= cfg.degrees <= 180.0, f"degrees must be in [0, 180], not {cfg.degrees}")
+    need(len(cfg.scale) == 2 and 0 < cfg.scale[0] <= cfg.scale[1],
+         f"scale must be [low, high] with 0 < low <= high, not {cfg.scale}")
+    need(0.0 <= cfg.translate < 1.0, f"translate must be in [0, 1), not {cfg.translate}")
+    need(0.0 <= cfg.contrast < 1.0, f"contrast must be in [0, 1), not {cfg.contrast}")
+    need(len(cfg.gamma) == 2 and 0 < cfg.gamma[0] <= cfg.gamma[1],
+         f"gamma must be [low, high] with 0 < low <= high, not {cfg.gamma}")
+    need(cfg.noise_std >= 0.0, f"noise_std must be >= 0, not {cfg.noise_std}")
 
 
 CONFIG_VERSION = 1

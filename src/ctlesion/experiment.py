@@ -18,10 +18,11 @@ from typing import Callable
 
 import yaml
 
-from .config import CONFIG_VERSION, ConfigError, ExperimentConfig, ModelConfig, apply_overrides, read_yaml, update_dataclass
+from .config import (CONFIG_VERSION, ConfigError, ExperimentConfig, ModelConfig, apply_overrides, check_augment,
+                     read_yaml, update_dataclass)
 from .registry import default_model_config
 
-__all__ = ["load_experiment", "experiment_from_dict", "upgrade_config", "UPGRADERS"]
+__all__ = ["load_experiment", "experiment_from_dict", "upgrade_config", "check_experiment", "UPGRADERS"]
 
 # version N -> a function turning a version-N mapping into a version-(N+1) mapping (in place).
 UPGRADERS: dict[int, Callable[[dict], None]] = {}
@@ -55,6 +56,7 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
     try:
         update_dataclass(cfg, data)
         apply_overrides(cfg, overrides)
+        check_experiment(cfg)
     except ConfigError as exc:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{exc}") from None
@@ -63,4 +65,21 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
 
 def experiment_from_dict(data: dict, source: str = "config") -> ExperimentConfig:
     """Rebuild a resolved config (e.g. a checkpoint's ``config.yaml``), upgrading old versions."""
-    return update_dataclass(ExperimentConfig(), upgrade_config(data, source))
+    cfg = update_dataclass(ExperimentConfig(), upgrade_config(data, source))
+    try:
+        check_experiment(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return cfg
+
+
+def check_experiment(cfg: ExperimentConfig) -> None:
+    """Rules across fields, checked when a config loads: augmentation settings in range,
+    and none on scoring data (``val_data``), which must be seen as it is."""
+    for key in ("data", "seg_data"):
+        data = getattr(cfg, key)
+        if data is not None and data.augment is not None:
+            check_augment(data.augment, f"{key}.augment")
+    if cfg.val_data is not None and cfg.val_data.augment is not None:
+        raise ConfigError("val_data.augment: validation data is never augmented; "
+                          "set augmentation under data (and seg_data)")

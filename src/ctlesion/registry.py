@@ -20,6 +20,7 @@ from .models.ctm import build_ctm
 from .models.mask_feature_model import build_mask_feature_model
 from .models.maskrcnn import build_maskrcnn
 from .models.ssm import build_ssm
+from .models.stock import build_stock_maskrcnn
 
 __all__ = [
     "ModelEntry", "register_model", "list_models", "get_entry", "default_model_config",
@@ -120,6 +121,16 @@ def _register_segmentation() -> None:
             backbone=BackboneConfig(arch="resnet50", stages=4, fpn="full"),
             detector=DetectorConfig(mask_head_layers=[256, 256, 256, 256], mask_predictor_width=256),
         )
+
+    @register_model(
+        "torchvision-maskrcnn-r50-fpn",
+        "Baseline, not a paper model: stock torchvision maskrcnn_resnet50_fpn from random weights "
+        "(torchvision's anchors, heads and sampling)",
+        build_stock_maskrcnn,
+    )
+    def _stock() -> ModelConfig:
+        return ModelConfig(backbone=BackboneConfig(arch="resnet50", stages=4, fpn="full"),
+                           detector=DetectorConfig(mask_head_layers=[256, 256, 256, 256], mask_predictor_width=256))
 
     for short, arch in SHORT_ARCHS.items():
         for stages in (2, 3, 4):

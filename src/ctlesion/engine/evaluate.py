@@ -13,6 +13,7 @@ from ..config import EvalConfig
 from ..data.sample import Sample, collate_samples
 from ..errors import DataError
 from ..metrics import coco_map, legacy_map
+from ..metrics.pixel import pixel_metrics
 from ..models.maskrcnn import set_detection_settings
 
 __all__ = ["run_detector", "compact_prediction", "evaluate_segmentation"]
@@ -50,7 +51,9 @@ def evaluate_segmentation(
     """Score a labelled dataset. Returns ``(metrics, kept)``.
 
     ``metrics`` has ``legacy`` (the papers' per-image AP: ``AP50``, ``AP75``, ``mAP``),
-    ``coco`` (pycocotools ``segm``/``bbox``), ``settings`` (the detection filter used,
+    ``coco`` (pycocotools ``segm``/``bbox``), ``pixel`` (Dice, sensitivity and specificity of
+    the lesion mask and of each class, per slice then averaged; detections scoring at least
+    ``eval_cfg.pixel_score_thresh``; :mod:`ctlesion.metrics.pixel`), ``settings`` (the detection filter used,
     which the legacy numbers depend on) and ``num_images``. ``kept`` holds the first
     ``keep`` ``(sample, prediction)`` pairs, for overlays.
     """
@@ -69,6 +72,8 @@ def evaluate_segmentation(
     metrics = {
         "legacy": legacy_map(predictions, targets, mask_threshold=0.5),
         "coco": coco_map(predictions, targets, mask_threshold=0.5),
+        "pixel": pixel_metrics(predictions, targets, tuple(getattr(model, "class_names", ("lesion",))),
+                               score_thresh=eval_cfg.pixel_score_thresh),
         "settings": asdict(eval_cfg),
         "num_images": len(targets),
         "num_negative_images": sum(int(len(t["boxes"]) == 0) for t in targets),

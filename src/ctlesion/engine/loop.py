@@ -142,6 +142,8 @@ def _epoch_loader(dataset, tc, epoch: int, per_epoch: int, first: int, world: Wo
     as one process (``epoch_order``), each global batch of ``batch_size`` x ranks split
     into consecutive per-rank slices."""
     order = epoch_order(len(dataset), tc.seed, epoch)
+    if hasattr(dataset, "set_epoch"):   # augmentation draws depend on (seed, epoch, index)
+        dataset.set_epoch(epoch)
     size = tc.batch_size * world.size
     batches = [order[i:i + size] for i in range(0, len(order), size)][:per_epoch]
     if world.distributed:

@@ -310,7 +310,10 @@ class ClassificationStep:
     def _segmentation(self, index: int, total: int, epoch: int, step: int) -> dict:
         tc, world = self.cfg.train, self.updater.world
         draw = step * world.size + world.rank if world.distributed else step
-        sample = self.seg_dataset[seg_index(len(self.seg_dataset), tc.seed, draw)]
+        chosen = seg_index(len(self.seg_dataset), tc.seed, draw)
+        # An augmented seg_data draws by the draw number, so one image drawn twice differs.
+        augmented = getattr(self.seg_dataset, "draw", None)
+        sample = augmented(chosen, draw) if augmented is not None else self.seg_dataset[chosen]
         if sample.target is None:
             raise DataError(f"{sample.source}: seg_data needs masks ({sample.sample_id})")
         record: dict = {"seg_sample": sample.sample_id}

@@ -18,6 +18,7 @@ import torch
 
 from .. import registry
 from ..config import ExperimentConfig
+from ..data.augment import AugmentedDataset
 from ..data.factory import build_dataset
 from ..errors import ConfigError, DataError, NonFiniteLossError
 from .checkpoint import load_checkpoint, load_train_state
@@ -45,7 +46,7 @@ def _model_and_state(cfg: ExperimentConfig, out_dir: Path, resume, model=None) -
 def _datasets(cfg: ExperimentConfig, task: str, model, dataset, seg_dataset):
     """``(dataset, seg_dataset or None, val_dataset or None)`` for the run."""
     mask_type = cfg.model.detector.mask_type
-    dataset = build_dataset(cfg.data, mask_type) if dataset is None else dataset
+    dataset = _augmented(build_dataset(cfg.data, mask_type), cfg.data, cfg.train.seed) if dataset is None else dataset
     if len(dataset) == 0:
         raise DataError("the training dataset is empty" if task == "segmentation"
                         else "the classification training dataset is empty")
@@ -56,13 +57,20 @@ def _datasets(cfg: ExperimentConfig, task: str, model, dataset, seg_dataset):
         if cfg.seg_data is None:
             raise ConfigError(f"{cfg.model.name} trains jointly: give seg_data (segmentation images), "
                               "or set train.joint=false to train the classification step only")
-        seg_dataset = build_dataset(cfg.seg_data, mask_type)
+        seg_dataset = _augmented(build_dataset(cfg.seg_data, mask_type), cfg.seg_data, cfg.train.seed + 1)
     if seg_dataset is not None and len(seg_dataset) == 0:
         raise DataError("the segmentation dataset (seg_data) is empty")
     val = None
     if cfg.train.eval_every is not None and cfg.val_data is not None:
         val = build_dataset(cfg.val_data, mask_type)
     return dataset, seg_dataset, val
+
+
+def _augmented(dataset, data_cfg, seed: int):
+    """``dataset`` augmented as ``data_cfg.augment`` says (training data only; None: as it is)."""
+    if data_cfg.augment is None:
+        return dataset
+    return AugmentedDataset(dataset, data_cfg.augment, seed, min_area=data_cfg.min_area)
 
 
 def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: str | Path | bool = False, progress: bool = True,
