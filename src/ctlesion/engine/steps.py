@@ -269,8 +269,9 @@ class SegmentationStep:
         metrics, _ = evaluate_segmentation(self.model, dataset, self.cfg.eval, device, progress=progress)
         summary = {f"legacy_{k}": metrics["legacy"][k] for k in ("AP50", "AP75", "mAP")}
         summary.update({f"coco_segm_{k}": metrics["coco"]["segm"][k] for k in ("AP", "AP50", "AP75")})
+        summary["pixel_dice"] = metrics["pixel"]["lesion"]["dice"]
         return metrics, summary, (f"legacy mAP {summary['legacy_mAP']:.4f}, "
-                                  f"COCO segm AP {summary['coco_segm_AP']:.4f}")
+                                  f"COCO segm AP {summary['coco_segm_AP']:.4f}, lesion Dice {summary['pixel_dice']:.4f}")
 
 
 def prepare_classifier(model, cfg: ExperimentConfig, dataset, out_dir: Path, resumed: bool, progress: bool) -> None:
