@@ -88,6 +88,7 @@ def plot_learning_curves(series: CurveSeries, path: str | Path, title: str | Non
     """Write the curves as a PNG (atomically): loss terms per epoch (log scale when all are
     positive) and, when there are any, the validation metrics."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     panels = 2 if series.validation else 1
     fig = Figure(figsize=(6.4 * panels, 4.2), dpi=100)
@@ -99,6 +100,7 @@ def plot_learning_curves(series: CurveSeries, path: str | Path, title: str | Non
     if values and min(values) > 0:
         ax.set_yscale("log")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("mean training loss")
     ax.set_title("training losses (mean over each epoch)")
     if series.train:
@@ -110,7 +112,11 @@ def plot_learning_curves(series: CurveSeries, path: str | Path, title: str | Non
         vx = fig.add_subplot(1, 2, 2)
         for key, points in sorted(series.validation.items()):
             vx.plot([e for e, _ in points], [v for _, v in points], marker="o", markersize=3, label=key)
+        scores = [v for points in series.validation.values() for _, v in points if math.isfinite(v)]
+        if scores and 0.0 <= min(scores) and max(scores) <= 1.0:
+            vx.set_ylim(-0.02, 1.02)      # AP, F1, accuracy, Dice: on their whole scale
         vx.set_xlabel("epoch")
+        vx.xaxis.set_major_locator(MaxNLocator(integer=True))
         vx.set_title("validation")
         vx.legend(fontsize=7)
         vx.grid(True, alpha=0.3)
