@@ -35,13 +35,13 @@ def _largest_difference(source, built) -> float:
     a.eval(), b.eval()
     with torch.no_grad():
         out_a, out_b = a([image]), b([image])
-    logits_a, logits_b = getattr(out_a, "logits", None), getattr(out_b, "logits", None)
-    if logits_a is not None:
-        return float((logits_a.softmax(-1) - logits_b.softmax(-1)).abs().max())
-    # detectors: compare the raw feature maps (detections may differ in number near a threshold)
-    feats_a = a.backbone(image[None]) if hasattr(a, "backbone") else {}
-    feats_b = b.backbone(image[None]) if hasattr(b, "backbone") else {}
-    return max((float((feats_a[k] - feats_b[k]).abs().max()) for k in feats_a), default=0.0)
+        logits_a, logits_b = getattr(out_a, "logits", None), getattr(out_b, "logits", None)
+        if logits_a is not None:
+            return float((logits_a.softmax(-1) - logits_b.softmax(-1)).abs().max())
+        # detectors: compare the raw feature maps (detections may differ in number near a threshold)
+        feats_a = a.backbone(image[None]) if hasattr(a, "backbone") else {}
+        feats_b = b.backbone(image[None]) if hasattr(b, "backbone") else {}
+        return max((float((feats_a[k] - feats_b[k]).abs().max()) for k in feats_a), default=0.0)
 
 
 def main(argv: list[str] | None = None) -> int:

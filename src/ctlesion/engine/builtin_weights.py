@@ -13,6 +13,7 @@ checkpoint becomes a built-in (``scripts/make_builtin.py``).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -134,9 +135,18 @@ def make_builtin(checkpoint: str | Path, name: str, card: str | Path | dict, *, 
         full["title"] = fields["title"]
     atomic_write_text(folder / CARD, json.dumps(full, indent=2) + "\n")
     atomic_write_text(folder / CARD_MD, render_card(full))
+    _readable(folder)
     catalogue[name] = entry
     _write_catalogue(root, catalogue)
     return entry
+
+
+def _readable(folder: Path) -> None:
+    """Package files get the umask's default permissions (safetensors may write 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in folder.iterdir():
+        os.chmod(file, 0o666 & ~umask)
 
 
 def _entry_dict(entry, root: Path) -> dict:
