@@ -8,8 +8,11 @@ root named by ``CTLESION_BUILTIN_DIR``; nothing here writes into the package."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import os
 import shutil
+import stat
 import tomllib
 from fnmatch import fnmatch
 from pathlib import Path
@@ -115,6 +118,10 @@ def test_make_builtin_writes_an_fp16_folder_its_card_and_the_catalogue(root, sou
     assert card["class_names"] == ["GGO", "C"] and card["task"] == "segmentation"
     assert (root / NAME / "card.md").read_text() == render_card(card)
     assert builtin_for_model() == {"maskrcnn-r18-s2": [NAME]} and builtin_names() == [NAME]
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in (root / NAME).iterdir():   # readable as package data (safetensors itself writes 0600)
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask, file.name
 
 
 def test_parameters_are_stored_fp16_and_buffers_as_they_were(root, source):
@@ -392,6 +399,25 @@ def test_init_from_a_builtin_name_fills_a_detector_and_a_joint_model(root, tmp_p
     assert report["loaded"] and all(n.startswith("detector.") for n in report["loaded"])
     weights = dict(joint.named_parameters())
     assert torch.equal(weights["detector.backbone.body.conv1.weight"], want["backbone.body.conv1.weight"])
+
+
+def test_the_make_builtin_script_is_the_command_the_lead_runs(source, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("make_builtin", REPO / "scripts" / "make_builtin.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    card = tmp_path / "card.yaml"
+    card.write_text(yaml.safe_dump(CARD))
+    root = tmp_path / "root"
+    assert script.main([str(source), "--name", "lesion-script", "--card", str(card), "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    entry = read_catalogue(root)["lesion-script"]
+    assert f"SHA-256 {entry.sha256}" in out and "largest fp16-vs-fp32 output difference" in out
+    difference = float(out.split("synthetic slice: ")[1].split()[0])
+    assert 0 < difference < 0.05
+    assert script.main([str(source), "--name", "lesion-script", "--card", str(card), "--root", str(root)]) == 2
+    assert "--replace" in capsys.readouterr().err
+    assert script.main(["--remove", "lesion-script", "--root", str(root)]) == 0
+    assert read_catalogue(root) == {}
 
 
 # ------------------------------------------------------------------ what ships
