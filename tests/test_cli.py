@@ -37,7 +37,8 @@ def test_models_json_lists_every_model_with_parameter_counts(capsys):
     rows = json.loads(capsys.readouterr().out)
     names = {r["name"] for r in rows}
     assert {"maskrcnn-r18-s2", "maskrcnn-r18-s3", "ssm-detector-r18-s3"} <= names
-    assert all(set(r) == {"name", "params", "description"} for r in rows)
+    assert all(set(r) == {"name", "params", "description", "task", "builtin_weights", "builtin"} for r in rows)
+    assert {r["name"]: r["task"] for r in rows}["ssm-detector-r18-s3"] == "segmentation"
     params = {r["name"]: r["params"] for r in rows}
     assert params["maskrcnn-r18-s2"] < params["maskrcnn-r18-s3"] < params["maskrcnn-r18-s4"]
 

@@ -537,7 +537,9 @@ def test_models_json_filter_ssm(capsys):
     names = [r["name"] for r in rows]
     assert names and all("ssm" in n for n in names)
     assert {"ssm-r18-s3", "ssm-2branch-r18-s3", "ssm-detector-r18-s3"} <= set(names)
-    assert all(set(r) == {"name", "params", "description"} and r["params"] > 0 for r in rows)
+    assert all(set(r) == {"name", "params", "description", "task", "builtin_weights", "builtin"}
+               and r["params"] > 0 for r in rows)
+    assert {r["name"]: r["task"] for r in rows}["ssm-r18-s3"] == "joint"
     params = {r["name"]: r["params"] for r in rows}
     # paper 001 Table 1: 4.51 M single branch, the second branch adds ~1.6 M
     assert params["ssm-r18-s2"] / 1e6 == pytest.approx(4.51, rel=0.01)

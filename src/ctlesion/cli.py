@@ -27,17 +27,39 @@ USER_ERRORS: tuple[type[BaseException], ...] = (CtlesionError, FileNotFoundError
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from .registry import model_table
+    from .builtin import builtin_for_model, read_card, render_card
+    from .registry import list_models, model_table
 
+    if args.card is not None:
+        card = read_card(args.card, registry_names=list_models())
+        print(json.dumps(card, indent=2) if args.json else render_card(card), end="\n" if args.json else "")
+        return 0
     rows = model_table(args.filter)
+    builtin = builtin_for_model()
     if args.json:
-        print(json.dumps([{k: r[k] for k in ("name", "params", "description")} for r in rows], indent=2))
+        print(json.dumps([{**{k: r[k] for k in ("name", "params", "description", "task")},
+                           "builtin_weights": r["name"] in builtin, "builtin": builtin.get(r["name"], [])}
+                          for r in rows], indent=2))
         return 0
     width = max(len(r["name"]) for r in rows) if rows else 10
-    print(f"{'name':<{width}}  {'params':>8}  description")
+    weights = {r["name"]: ",".join(builtin.get(r["name"], [])) or "-" for r in rows}
+    wide = max([len("built-in")] + [len(w) for w in weights.values()])
+    print(f"{'name':<{width}}  {'params':>8}  {'built-in':<{wide}}  description")
     for r in rows:
-        print(f"{r['name']:<{width}}  {r['params'] / 1e6:>7.2f}M  {r['description']}")
+        print(f"{r['name']:<{width}}  {r['params'] / 1e6:>7.2f}M  {weights[r['name']]:<{wide}}  {r['description']}")
+    if builtin:
+        print("built-in: weights shipped with ctlesion; run them with --model NAME, read them with "
+              "`ctlesion models --card NAME`")
     return 0
+
+
+def _checkpoint_arg(args: argparse.Namespace):
+    """``--checkpoint PATH`` as given, or ``--model NAME``'s verified built-in folder."""
+    if args.model is None:
+        return args.checkpoint
+    from .engine.builtin_weights import builtin_checkpoint
+
+    return builtin_checkpoint(args.model)
 
 
 def _launch_torchrun(args: argparse.Namespace) -> int:
@@ -126,7 +148,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .engine.api import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(
-        args.checkpoint, args.data, args.out, seg_data=args.seg_data, split=args.split, min_area=args.min_area,
+        _checkpoint_arg(args), args.data, args.out, seg_data=args.seg_data, split=args.split, min_area=args.min_area,
         size=args.size, window=args.window, score_thresh=args.score_thresh, nms_thresh=args.nms_thresh,
         max_detections=args.max_detections, f1_weights=_f1_weights(args.f1_weights), overlays=args.overlays,
         device=args.device, progress=not args.quiet)
@@ -160,7 +182,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .engine.api import predict_checkpoint
 
     summary = predict_checkpoint(
-        args.checkpoint, args.inputs, args.out, window=args.window, size=args.size, score_thresh=args.score_thresh,
+        _checkpoint_arg(args), args.inputs, args.out, window=args.window, size=args.size, score_thresh=args.score_thresh,
         overlays=args.overlays, volume_outputs=_volume_outputs(args), aggregate=args.aggregate,
         min_abnormal_fraction=args.min_abnormal_fraction, device=args.device, progress=not args.quiet)
     if hasattr(summary, "class_counts"):     # a slice classifier
@@ -235,9 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("models", help="list registered models with parameter counts")
-    p.add_argument("--json", action="store_true", help="print a JSON list of {name, params, description}")
+    p = sub.add_parser("models", help="list registered models with parameter counts and built-in weights")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list of {name, params, description, task, builtin_weights, builtin}")
     p.add_argument("--filter", default="*", help="shell-style name pattern, e.g. 'maskrcnn-r18-*'")
+    p.add_argument("--card", default=None, metavar="NAME",
+                   help="print the model card of built-in model NAME (with --json: the card as JSON)")
     p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("train", help="train a model from a YAML config")
@@ -261,9 +286,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--score-thresh", type=float, default=None, help="detection confidence threshold")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    def model_options(p: argparse.ArgumentParser) -> None:
+        which = p.add_mutually_exclusive_group(required=True)
+        which.add_argument("--checkpoint", help="checkpoint folder")
+        which.add_argument("--model", metavar="NAME",
+                           help="a built-in model (weights shipped with ctlesion, verified by SHA-256; "
+                                "`ctlesion models` marks them)")
+
     p = sub.add_parser("evaluate", help="score a checkpoint on labelled data (segmentation: legacy + COCO "
                                         "mAP; classifiers: sensitivity, PPV, accuracy, F1, ROC AUC)")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder")
+    model_options(p)
     p.add_argument("--data", required=True,
                    help="labelled data: a folder (imgs/+masks/ or Imgs/+GT/), FORMAT:PATH, "
                         "or phantom:n=32,size=128,seed=7")
@@ -282,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="find lesions in PNG/JPG slices, DICOM series or NIfTI volumes")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder")
+    model_options(p)
     p.add_argument("inputs", nargs="+", help="image files, DICOM files or series folders, NIfTI volumes")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overlays", choices=("all", "lesions", "abnormal", "none"), default="all",

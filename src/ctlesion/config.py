@@ -252,8 +252,9 @@ class TrainConfig:
     # Backbone BatchNorm in the classification step: "eval" (running statistics; CTM/SSM)
     # or "batch" (train mode, single-image statistics; LSTM code, spec §7.5), or "auto".
     cls_bn: Literal["auto", "eval", "batch"] = "auto"
-    # Initialise from a checkpoint: every weight whose name and shape match is copied (a
-    # segmentation checkpoint fills the detector; a classifier with another label set
+    # Initialise from a checkpoint folder or a built-in model name (`ctlesion models` marks
+    # them; resolved in engine/steps.py): every weight whose name and shape match is copied
+    # (a segmentation checkpoint fills the detector; a classifier with another label set
     # keeps its new last layer: fine-tuning).
     init_from: str | None = None
     # Joint models: run a segmentation step (one image from seg_data) before each

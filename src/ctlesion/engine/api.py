@@ -22,6 +22,7 @@ from ..data.datasets import VolumeDataset
 from ..data.factory import build_dataset, parse_data_spec
 from ..errors import ConfigError
 from ..viz import save_overlay
+from .builtin_weights import resolve_checkpoint
 from .checkpoint import load_checkpoint
 from .evaluate import evaluate_segmentation
 from .evaluate_classifier import evaluate_classifier, write_classification_outputs
@@ -81,9 +82,10 @@ def evaluate_checkpoint(
     images (``overlay_files`` in the result). Classifiers: ``metrics.json``,
     ``confusion_matrix.png``, ``predictions.jsonl``; joint models also score their
     segmentation branch on ``seg_data``; ``title`` heads the confusion matrix (``{n}``: the
-    slice count). Returns the metrics (with ``task``).
+    slice count). Returns the metrics (with ``task``). ``checkpoint`` is a folder or a
+    built-in model name (verified against its SHA-256).
     """
-    model, cfg, meta = load_checkpoint(checkpoint)
+    model, cfg, meta = load_checkpoint(resolve_checkpoint(checkpoint))
     task = meta.get("task", "segmentation")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -149,7 +151,9 @@ def predict_checkpoint(
     given; the slice size is the training data's unless given. ``overlays``: ``all``,
     ``lesions``/``abnormal`` (slices with findings), ``none``. Returns the summary
     (:class:`~ctlesion.engine.predict.PredictSummary` for detectors,
-    :class:`~ctlesion.engine.predict_classifier.ClassifyPredictSummary` for classifiers)."""
+    :class:`~ctlesion.engine.predict_classifier.ClassifyPredictSummary` for classifiers).
+    ``checkpoint`` is a folder or a built-in model name (verified against its SHA-256)."""
+    checkpoint = resolve_checkpoint(checkpoint)
     model, cfg, meta = load_checkpoint(checkpoint)
     dataset = VolumeDataset(inputs, window=window or "auto", mask_type=cfg.model.detector.mask_type,
                             size=size if size is not None else cfg.data.size)

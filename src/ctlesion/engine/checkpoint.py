@@ -42,7 +42,7 @@ from .io import atomic_write_text, save_config, sha256_file
 
 __all__ = [
     "CheckpointError", "save_checkpoint", "load_checkpoint", "load_model", "load_train_state", "read_meta",
-    "CheckpointMeta", "FORMAT_VERSION",
+    "load_weights", "CheckpointMeta", "FORMAT_VERSION", "WEIGHT_DTYPES",
 ]
 
 FORMAT_VERSION = 1
@@ -60,14 +60,34 @@ class CheckpointMeta:
     files: dict[str, str]
 
 
-def _state_dict_for_safetensors(model: nn.Module) -> dict[str, torch.Tensor]:
+WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def _state_dict_for_safetensors(model: nn.Module, weights_dtype: str = "float32") -> dict[str, torch.Tensor]:
+    """The state dict as safetensors takes it. ``float16`` stores the floating-point
+    *parameters* at half precision; buffers (BatchNorm running statistics, whose variances
+    can sit below fp16's normal range, and integer counters) keep their own dtype."""
     # safetensors refuses shared or non-contiguous storage; clone makes each tensor its own.
-    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    if weights_dtype == "float32":
+        return state
+    dtype = WEIGHT_DTYPES[weights_dtype]
+    limit = torch.finfo(dtype).max
+    params = {name for name, _ in model.named_parameters()}
+    for name in params & set(state):
+        value = state[name]
+        if value.is_floating_point():
+            if bool((value.abs() > limit).any()):
+                raise CheckpointError(f"parameter {name} has values beyond {weights_dtype}'s range "
+                                      f"(|x| > {limit:g}); it cannot be stored as {weights_dtype}")
+            state[name] = value.to(dtype)
+    return state
 
 
 def save_checkpoint(
     path: str | Path, model: nn.Module, config: ExperimentConfig, *, epoch: int, step: int,
     train_state: dict[str, Any] | None = None, task: str | None = None, source: dict[str, Any] | None = None,
+    weights_dtype: str = "float32",
 ) -> Path:
     """Write a checkpoint folder at ``path`` atomically (replacing any previous one).
 
@@ -75,7 +95,12 @@ def save_checkpoint(
     for ``config.model.name``.
 
     ``source`` (converted checkpoints) is recorded in ``meta.json``: the original file's
-    name, SHA-256 and format."""
+    name, SHA-256 and format.
+
+    ``weights_dtype="float16"`` stores the parameters at half precision (built-in weights;
+    recorded in ``meta.json``, cast back to fp32 by :func:`load_weights`)."""
+    if weights_dtype not in WEIGHT_DTYPES:
+        raise CheckpointError(f"weights dtype must be one of {sorted(WEIGHT_DTYPES)}, not {weights_dtype!r}")
     task = task or get_entry(config.model.name).task
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +110,7 @@ def save_checkpoint(
     tmp = path.parent / f".{path.name}.tmp-{time.time_ns()}"
     tmp.mkdir()
     try:
-        save_file(_state_dict_for_safetensors(model), str(tmp / WEIGHTS))
+        save_file(_state_dict_for_safetensors(model, weights_dtype), str(tmp / WEIGHTS))
         _test_kill_point()
         save_config(config, tmp / CONFIG)
         files = [WEIGHTS, CONFIG]
@@ -101,6 +126,7 @@ def save_checkpoint(
             "epoch": int(epoch),
             "step": int(step),
             "task": task,
+            "weights_dtype": weights_dtype,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "files": {name: sha256_file(tmp / name) for name in files},
         }
@@ -199,7 +225,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     meta = read_meta(path)
     cfg = experiment_from_dict(yaml.safe_load((path / CONFIG).read_text()))
     model = create_model(cfg.model)
-    state = load_file(str(path / WEIGHTS), device=str(map_location))
+    state = load_weights(path, meta, map_location)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(
@@ -207,6 +233,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
     return model, cfg, meta
+
+
+def load_weights(path: str | Path, meta: dict, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The weights of checkpoint folder ``path`` (``meta`` from :func:`read_meta`), every
+    reduced-precision floating-point tensor cast back to fp32; integer tensors as stored."""
+    state = load_file(str(Path(path) / WEIGHTS), device=str(map_location))
+    if meta.get("weights_dtype", "float32") == "float32":
+        return state
+    return {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v for k, v in state.items()}
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:

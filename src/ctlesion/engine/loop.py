@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ..data.sample import collate_samples
 from ..errors import ConfigError, NonFiniteLossError
 from .checkpoint import save_checkpoint
+from .curves import write_learning_curves
 from .distributed import World, any_rank, barrier, gather_objects, resolve_device
 from .io import write_json
 
@@ -162,9 +163,11 @@ def _rank_slice(batch: list[int], world: World) -> list[int]:
 
 
 class _Log:
-    """``train_log.jsonl`` (and TensorBoard), written by rank 0 only."""
+    """``train_log.jsonl`` (and TensorBoard) and its learning curves ``curves.png``, written
+    by rank 0 only."""
 
-    def __init__(self, out_dir: Path, world: World, tensorboard: bool) -> None:
+    def __init__(self, out_dir: Path, world: World, tensorboard: bool, title: str | None = None) -> None:
+        self.out_dir, self.title = out_dir, title
         self.file = open(out_dir / "train_log.jsonl", "a", buffering=1) if world.main else None
         self.board = None
         if tensorboard and world.main:
@@ -183,6 +186,12 @@ class _Log:
             for key, value in record.items():
                 if isinstance(value, float) and key not in ("epoch", "step"):
                     self.board.add_scalar(prefix + key, value, record["step"])
+
+    def curves(self) -> None:
+        """Redraw ``curves.png`` from the log so far (after each epoch and validation)."""
+        if self.file is not None:
+            self.file.flush()
+            write_learning_curves(self.out_dir, self.title)
 
     def close(self) -> None:
         if self.file is not None:
@@ -230,12 +239,13 @@ def run_loop(cfg, out_dir: Path, model: torch.nn.Module, dataset, step: TrainSte
              progress: bool = True, resumed: bool = False, world: World = World()) -> TrainResult:
     """Run ``step`` over the batch plan of ``dataset`` from ``state`` to ``cfg.train.epochs``.
 
-    Writes ``train_log.jsonl`` (the step's records, one per iteration), ``epoch-NNNN/`` and
+    Writes ``train_log.jsonl`` (the step's records, one per iteration), ``curves.png`` (its
+    learning curves, redrawn after every epoch and at a time-limit stop), ``epoch-NNNN/`` and
     ``checkpoint/`` (with the optimiser, RNG, position and the step's resume state), and at
     a time-limit stop ``checkpoint/`` at the exact position reached.
     """
     tc = cfg.train
-    log = _Log(out_dir, world, tc.tensorboard)
+    log = _Log(out_dir, world, tc.tensorboard, title=f"{cfg.model.name}: {out_dir.name}")
     if resumed:
         log.write({"event": "resume", "epoch": state.epoch, "batch_pos": state.batch_pos, "step": state.step})
 
@@ -289,6 +299,9 @@ def run_loop(cfg, out_dir: Path, model: torch.nn.Module, dataset, step: TrainSte
             epoch = state.epoch
             save_epoch(out_dir, epoch, tc, checkpoint,
                        None if validate is None else lambda saved: validate(saved, epoch, state.step))
+            log.curves()
+        if stopped_early:
+            log.curves()
     finally:
         bar.close()
         log.close()

@@ -28,7 +28,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..config import ExperimentConfig
@@ -36,7 +35,8 @@ from ..data.sample import Sample
 from ..errors import ConfigError, DataError, NonFiniteLossError
 from ..models.classifier import SliceClassifier, trainable_names
 from ..models.rcnn_classifier import one_hot_bce
-from .checkpoint import WEIGHTS, read_meta
+from .builtin_weights import resolve_checkpoint
+from .checkpoint import load_weights, read_meta
 from .evaluate import evaluate_segmentation
 from .evaluate_classifier import evaluate_classifier
 from .labels import check_dataset_classes, slice_labels
@@ -45,7 +45,7 @@ from .loop import check_finite, scheduled_lr
 
 __all__ = [
     "COPY_RULES", "FAMILY_DEFAULTS", "CopyRule", "SegmentationStep", "ClassificationStep", "seg_index",
-    "init_from_checkpoint", "resolve_auto_settings", "prepare_classifier", "Updater", "SEG_TERMS",
+    "init_from_checkpoint", "initialise", "resolve_auto_settings", "prepare_classifier", "Updater", "SEG_TERMS",
 ]
 
 COPY_RULES = ("none", "once", "running_min", "previous", "every")
@@ -122,7 +122,8 @@ def seg_index(num_samples: int, seed: int, step: int) -> int:
 
 
 def init_from_checkpoint(model: torch.nn.Module, path: str | Path) -> dict:
-    """Copy every weight of checkpoint ``path`` whose name and shape match ``model``.
+    """Copy every weight of checkpoint ``path`` (a folder, or a built-in model name, verified
+    against the catalogue's SHA-256) whose name and shape match ``model``.
 
     A segmentation checkpoint's keys are looked up under ``detector.`` (it fills the
     detector of a CTM/SSM/mask-feature model). Returns ``{"loaded", "skipped_shape",
@@ -130,12 +131,16 @@ def init_from_checkpoint(model: torch.nn.Module, path: str | Path) -> dict:
     shapes (e.g. the last layer when fine-tuning 3 classes -> 2), ``missing`` are the
     model's weights the checkpoint does not have (they keep their initialisation).
     """
-    path = Path(path)
+    given = path
+    path = resolve_checkpoint(path)
     meta = read_meta(path)
-    source = load_file(str(path / WEIGHTS))
+    source = load_weights(path, meta)
     target = model.state_dict()
     if meta.get("task") == "segmentation" and any(k.startswith("detector.") for k in target):
         source = {f"detector.{k}": v for k, v in source.items()}
+    elif meta.get("task") != "segmentation" and not any(k.startswith("detector.") for k in target):
+        # a joint model's detector fills a plain detector
+        source = {k[len("detector."):]: v for k, v in source.items() if k.startswith("detector.")} or source
     loaded, skipped = [], []
     new_state = {}
     for name, value in source.items():
@@ -151,7 +156,7 @@ def init_from_checkpoint(model: torch.nn.Module, path: str | Path) -> dict:
                           f"model {getattr(model.config, 'name', type(model).__name__)}")
     model.load_state_dict(new_state, strict=False)
     missing = [n for n in target if n not in new_state and not n.endswith("num_batches_tracked")]
-    return {"source": str(path), "source_model": meta.get("model_name"), "loaded": loaded,
+    return {"source": str(given), "source_path": str(path), "source_model": meta.get("model_name"), "loaded": loaded,
             "skipped_shape": skipped, "missing": missing}
 
 
@@ -274,6 +279,20 @@ class SegmentationStep:
                                   f"COCO segm AP {summary['coco_segm_AP']:.4f}, lesion Dice {summary['pixel_dice']:.4f}")
 
 
+def initialise(model, cfg: ExperimentConfig, out_dir: Path, progress: bool) -> dict | None:
+    """A new run's ``train.init_from`` (a checkpoint folder or a built-in name): copy the
+    weights that fit and write ``init.json`` (what was loaded and skipped)."""
+    init_from = cfg.train.init_from
+    if not init_from:
+        return None
+    report = init_from_checkpoint(model, init_from)
+    (out_dir / "init.json").write_text(json.dumps(report, indent=2) + "\n")
+    if progress:
+        tqdm.write(f"initialised {len(report['loaded'])} tensors from {init_from}; "
+                   f"{len(report['skipped_shape'])} skipped (shape differs): {report['skipped_shape'][:4]}")
+    return report
+
+
 def prepare_classifier(model, cfg: ExperimentConfig, dataset, out_dir: Path, resumed: bool, progress: bool) -> None:
     """Before the optimiser exists: check the model and labels, then (new runs) initialise
     from ``train.init_from`` (``init.json`` lists what was loaded and skipped) and make the
@@ -284,12 +303,7 @@ def prepare_classifier(model, cfg: ExperimentConfig, dataset, out_dir: Path, res
     check_dataset_classes(dataset, model, "data")
     if resumed:
         return
-    if tc.init_from:
-        report = init_from_checkpoint(model, tc.init_from)
-        (out_dir / "init.json").write_text(json.dumps(report, indent=2) + "\n")
-        if progress:
-            tqdm.write(f"initialised {len(report['loaded'])} tensors from {tc.init_from}; "
-                       f"{len(report['skipped_shape'])} skipped (shape differs): {report['skipped_shape'][:4]}")
+    initialise(model, cfg, out_dir, progress)
     if tc.copy_rule == "once" or (tc.copy_rule != "none" and tc.init_from):
         model.copy_segmentation_branch()
 

@@ -25,7 +25,8 @@ from .checkpoint import load_checkpoint, load_train_state
 from .io import save_config
 from .distributed import World, broadcast_module, convert_sync_bn, setup_world, shutdown_world
 from .loop import LoopState, TrainResult, epoch_order, resolve_device, run_loop, scheduled_lr, seed_everything, set_rng_state
-from .steps import ClassificationStep, SegmentationStep, Updater, prepare_classifier, resolve_auto_settings
+from .steps import (ClassificationStep, SegmentationStep, Updater, initialise, prepare_classifier,
+                    resolve_auto_settings)
 
 __all__ = ["train", "train_segmentation", "train_classifier", "TrainResult", "NonFiniteLossError",
            "resolve_device", "epoch_order", "scheduled_lr"]
@@ -78,7 +79,8 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: str | Path | bo
     """Train the model ``cfg`` describes and write everything under ``out_dir``.
 
     Writes ``config.yaml`` (resolved), ``train_log.jsonl`` (one line per step: every loss
-    term, the sample ids, the lr), ``epoch-NNNN/`` every ``save_every`` epochs and
+    term, the sample ids, the lr), ``curves.png`` (per-epoch loss means and validation
+    metrics, redrawn after every epoch), ``epoch-NNNN/`` every ``save_every`` epochs and
     ``checkpoint/`` (the latest, also at the end or on the time limit). With
     ``train.eval_every`` and ``val_data``, the validation set is scored at those epochs:
     a ``validation`` line in the log and ``metrics.json`` in that epoch's folder.
@@ -101,6 +103,8 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: str | Path | bo
         dataset, seg_dataset, val_dataset = _datasets(cfg, task, model, dataset, seg_dataset)
         if task != "segmentation":
             prepare_classifier(model, cfg, dataset, out_dir, resumed=state is not None, progress=progress and world.main)
+        elif state is None:
+            initialise(model, cfg, out_dir, progress=progress and world.main)
         scheduled_lr(tc, 0, 1)  # fail early on a bad schedule name
         model = _placed(model, tc, world, device)
         optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
