@@ -278,9 +278,18 @@ class VolumeDataset(Dataset):
         """Input ``v`` opened lazily (kept open while consecutive slices are read)."""
         if self._cache is None or self._cache[0] != v:
             self.close()
-            kw = {"labels": self.labels[v]} if self.labels[v] is not None else {}
-            self._cache = (v, open_volume(self.inputs[v], **kw))
+            self._cache = (v, self.open_volume(v))
         return self._cache[1]
+
+    def open_volume(self, v: int) -> LazyVolume:
+        """Input ``v`` opened anew (not the one kept for ``__getitem__``); the caller closes it."""
+        kw = {"labels": self.labels[v]} if self.labels[v] is not None else {}
+        return open_volume(self.inputs[v], **kw)
+
+    def indices_of(self, inputs) -> list[int]:
+        """The dataset indices of the slices of the inputs numbered in ``inputs``, in order."""
+        wanted = set(inputs)
+        return [i for i, (v, _) in enumerate(self._index) if v in wanted]
 
     def close(self) -> None:
         """Close the volume kept open (a NIfTI file handle), if any."""

@@ -544,7 +544,7 @@ class DicomReader(ImageReader):
             return LazyVolume.of(Volume(array=frames, units="HU", spacing=spacing, source=str(path),
                                         slice_sources=slice_sources, labels=None, meta=meta))
         files = [f for f, _ in loaded]
-        del loaded  # the headers are not kept: one file is read again per slice
+        loaded = None  # the headers are not kept: one file is read again per slice
 
         def read_slice(i: int) -> np.ndarray:
             import pydicom
