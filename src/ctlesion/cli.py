@@ -155,7 +155,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         args.checkpoint, args.inputs, args.out, window=args.window, size=args.size, score_thresh=args.score_thresh,
         overlays=args.overlays, volume_outputs=_volume_outputs(args), aggregate=args.aggregate,
         min_abnormal_fraction=args.min_abnormal_fraction, device=args.device, progress=not args.quiet,
-        skip_existing=args.skip_existing)
+        skip_existing=args.skip_existing, batch_size=args.batch_size)
     if summary.skipped:
         print(f"skipped {len(summary.skipped)} volumes already done (--skip-existing): "
               f"{', '.join(summary.skipped[:5])}{' ...' if len(summary.skipped) > 5 else ''}")
@@ -289,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "abnormal class over those slices)")
     p.add_argument("--min-abnormal-fraction", type=float, default=0.1,
                    help="classifiers, abnormal_fraction: share of abnormal slices that makes a volume abnormal")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="detectors: slices per forward pass (memory holds one batch, not a volume; default 1)")
     vol = p.add_argument_group("volume outputs (DICOM series and NIfTI inputs; all on by default)")
     vol.add_argument("--no-label-volume", action="store_true", help="no OUT/<volume>/lesions.nii.gz")
     vol.add_argument("--no-instances", action="store_true", help="no OUT/<volume>/instances.nii.gz (3-D lesion ids)")

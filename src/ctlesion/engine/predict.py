@@ -84,6 +84,8 @@ def predict_inputs(
     """
     if overlays not in ("all", "lesions", "none"):
         raise ValueError(f"overlays must be all, lesions or none, not {overlays!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch size must be a positive integer, not {batch_size!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     overlay_dir = out_dir / "overlays" if overlays != "none" else None
