@@ -247,3 +247,29 @@ def test_skip_existing_redoes_a_volume_whose_input_or_model_changed(checkpoint, 
     assert record["model"]["settings"]["score_thresh"] == 0.5
     lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(lines) == 15 and all(s >= 0.5 for r in lines for s in r["scores"])  # redone at 0.5
+
+
+def test_a_classifier_batch_job_resumes_with_its_verdicts(tmp_path):
+    """The classifier path: patients.json of a resumed run holds the skipped volume's verdict,
+    and every combined output equals the uninterrupted run's."""
+    import torch
+
+    from ctlesion.engine.checkpoint import save_checkpoint
+    from ctlesion.experiment import experiment_from_dict
+    from ctlesion.registry import create_model
+
+    cfg = experiment_from_dict({"model": {"name": "ssm-2branch-r18-s2", "detector": {"min_size": 32, "max_size": 32}},
+                                "data": {"format": "phantom", "size": 32}})
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(tmp_path / "ck", create_model(cfg.model), cfg, epoch=0, step=0)
+    inputs = [write_nifti(tmp_path / "p1.nii.gz", 3, 32), write_nifti(tmp_path / "p2.nii.gz", 4, 32)]
+    clean = tmp_path / "clean"
+    assert _predict(checkpoint, inputs, clean).returncode == 0
+    out = tmp_path / "out"
+    killed = _predict(checkpoint, inputs, out, env={"CTLESION_TEST_KILL_AFTER_SLICES": "4"})
+    assert killed.returncode == -9 and (out / "p1" / "complete.json").is_file() and (out / ".p2.partial").is_dir()
+    resumed = _predict(checkpoint, inputs, out, "--skip-existing")
+    assert resumed.returncode == 0 and "skipped 1 volumes already done" in resumed.stdout
+    patients = json.loads((out / "patients.json").read_text())["volumes"]
+    assert list(patients) == [str(p) for p in inputs]
+    assert _tree(out) == _tree(clean)

@@ -68,6 +68,20 @@ def _tile(sample, record, lesions, rois, lesion_names, draw_thresh):
                         score_threshold=draw_thresh, title=title)
 
 
+def _reseeded_per_volume(model, loader, seed: int):
+    """The batches of ``loader``; the RoI-batch padding generator restarts from ``seed`` at the
+    first slice of each volume, so a volume's predictions do not depend on which volumes came
+    before it in the run (a run resumed with ``skip_existing`` equals an uninterrupted one)."""
+    current = None
+    for batch in loader:
+        key = str(batch[0].meta.get("volume", batch[0].source))
+        if key != current:
+            current = key
+            if getattr(model, "padding_generator", None) is not None:
+                model.padding_generator.manual_seed(seed)
+        yield batch
+
+
 def predict_classification(
     model, dataset, out_dir: str | Path, device: torch.device, *, cls_bn: str = "eval",
     overlays: str = "all", method: str = "abnormal_fraction", min_abnormal_fraction: float = 0.1,
@@ -78,7 +92,8 @@ def predict_classification(
 
     ``overlays``: ``all`` slices, ``abnormal`` (slices not predicted as the first class,
     or with lesions), or ``none``. ``score_thresh`` overrides the detector's threshold for
-    the lesions listed and drawn. ``volume_outputs`` / ``model_info``: as for
+    the lesions listed and drawn. The RoI-batch padding is seeded by ``seed`` at each volume's
+    first slice. ``volume_outputs`` / ``model_info``: as for
     :func:`~ctlesion.engine.predict.predict_inputs`; each volume's ``summary.json`` also
     holds its per-slice probabilities and the verdict of ``patients.json``. ``skip_existing``:
     as for :func:`~ctlesion.engine.predict.predict_inputs`; a skipped volume's verdict comes
@@ -118,7 +133,8 @@ def predict_classification(
         writer.write(done, verdict=verdict_of(done.probabilities) if done.probabilities else None)
 
     with PredictionLines(out_dir, dataset) as lines:
-        for sample, probs, rois, det in run_classifier(model, loader, device, cls_bn=cls_bn, seed=seed,
+        for sample, probs, rois, det in run_classifier(model, _reseeded_per_volume(model, loader, seed), device,
+                                                       cls_bn=cls_bn, seed=seed,
                                                        with_detections=has_masks, progress=progress,
                                                        total=len(loader)):
             record, lesions = _slice_prediction(sample, probs, rois, det, names, lesion_names)
