@@ -195,6 +195,7 @@ def _tree(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_a_killed_batch_job_resumes_with_skip_existing(checkpoint, three_volumes, tmp_path, monkeypatch, capsys):
     import ctlesion.engine.predict as predict
 
@@ -223,6 +224,7 @@ def test_a_killed_batch_job_resumes_with_skip_existing(checkpoint, three_volumes
     assert _tree(out) == _tree(clean)
 
 
+@pytest.mark.slow
 def test_skip_existing_redoes_a_volume_whose_input_or_model_changed(checkpoint, three_volumes, tmp_path):
     out = tmp_path / "out"
     assert _predict(checkpoint, three_volumes, out).returncode == 0
@@ -249,6 +251,7 @@ def test_skip_existing_redoes_a_volume_whose_input_or_model_changed(checkpoint, 
     assert len(lines) == 15 and all(s >= 0.5 for r in lines for s in r["scores"])  # redone at 0.5
 
 
+@pytest.mark.slow
 def test_a_classifier_batch_job_resumes_with_its_verdicts(tmp_path):
     """The classifier path: patients.json of a resumed run holds the skipped volume's verdict,
     and every combined output equals the uninterrupted run's."""
