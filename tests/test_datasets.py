@@ -227,7 +227,7 @@ def test_volume_dataset_flattens_images_and_nifti(tmp_path):
         ds[4]
 
 
-def test_volume_dataset_labels_and_reads_volume_once(tmp_path, monkeypatch):
+def test_volume_dataset_labels_and_opens_volume_once(tmp_path, monkeypatch):
     hu = np.zeros((16, 16, 2), np.float32)
     labels = np.zeros((16, 16, 2), np.uint8)
     labels[2:14, 2:14, 1] = 2
@@ -236,8 +236,8 @@ def test_volume_dataset_labels_and_reads_volume_once(tmp_path, monkeypatch):
     import ctlesion.data.datasets as datasets
 
     calls = []
-    real = datasets.read_volume
-    monkeypatch.setattr(datasets, "read_volume", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = datasets.open_volume  # opened once (headers), then one slice decoded per item
+    monkeypatch.setattr(datasets, "open_volume", lambda *a, **k: calls.append(a) or real(*a, **k))
     ds = VolumeDataset(tmp_path / "v.nii", labels=tmp_path / "v_lab.nii", mask_type="merge")
     targets = [ds[i].target["labels"].tolist() for i in range(len(ds))]
     assert targets == [[], [1]] and len(calls) == 1

@@ -142,7 +142,10 @@ def test_each_volume_output_can_be_switched_off(run, tmp_path):
     out = tmp_path / "p"
     assert main(["predict", "--checkpoint", str(run["checkpoint"]), str(run["series"]), "--out", str(out),
                  "--no-dicom-seg", "--no-report", "--no-instances", "--overlays", "none", "--quiet"]) == 0
-    assert sorted(p.name for p in (out / "series").iterdir()) == ["lesions.nii.gz", "summary.json"]
+    # complete.json (written last) and the volume's predictions.jsonl are always there: resuming needs them
+    assert sorted(p.name for p in (out / "series").iterdir()) == ["complete.json", "lesions.nii.gz",
+                                                                  "predictions.jsonl", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.jsonl", "series"]  # no scratch left
     assert not (out / "report.html").exists()
     out2 = tmp_path / "q"
     assert main(["predict", "--checkpoint", str(run["checkpoint"]), str(run["series"]), "--out", str(out2),

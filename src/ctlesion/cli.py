@@ -184,7 +184,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     summary = predict_checkpoint(
         _checkpoint_arg(args), args.inputs, args.out, window=args.window, size=args.size, score_thresh=args.score_thresh,
         overlays=args.overlays, volume_outputs=_volume_outputs(args), aggregate=args.aggregate,
-        min_abnormal_fraction=args.min_abnormal_fraction, device=args.device, progress=not args.quiet)
+        min_abnormal_fraction=args.min_abnormal_fraction, device=args.device, progress=not args.quiet,
+        skip_existing=args.skip_existing, batch_size=args.batch_size)
+    if summary.skipped:
+        print(f"skipped {len(summary.skipped)} volumes already done (--skip-existing): "
+              f"{', '.join(summary.skipped[:5])}{' ...' if len(summary.skipped) > 5 else ''}")
     if hasattr(summary, "class_counts"):     # a slice classifier
         counts = ", ".join(f"{n} {c}" for n, c in summary.class_counts.items())
         print(f"{summary.slices} slices: {counts}")
@@ -325,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "abnormal class over those slices)")
     p.add_argument("--min-abnormal-fraction", type=float, default=0.1,
                    help="classifiers, abnormal_fraction: share of abnormal slices that makes a volume abnormal")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="detectors: slices per forward pass (memory holds one batch, not a volume; default 1)")
     vol = p.add_argument_group("volume outputs (DICOM series and NIfTI inputs; all on by default)")
     vol.add_argument("--no-label-volume", action="store_true", help="no OUT/<volume>/lesions.nii.gz")
     vol.add_argument("--no-instances", action="store_true", help="no OUT/<volume>/instances.nii.gz (3-D lesion ids)")
@@ -332,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     vol.add_argument("--no-summary", action="store_true", help="no OUT/<volume>/summary.json (lesion burden)")
     vol.add_argument("--no-report", action="store_true", help="no OUT/report.html")
     vol.add_argument("--no-volume-outputs", action="store_true", help="none of the above")
+    vol.add_argument("--skip-existing", action="store_true",
+                     help="resume a killed run: skip volumes whose OUT/<volume>/ is complete and was made from "
+                          "the same input files, model and options (others are predicted again, with a warning)")
     data_options(p)
     p.set_defaults(func=_cmd_predict)
 

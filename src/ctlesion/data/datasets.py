@@ -20,13 +20,12 @@ from torch.utils.data import Dataset
 from ..errors import DataError
 from .masks import CONSOLIDATION, GGO, get_mask_type
 from .readers import (
+    LazyVolume,
     PillowReader,
-    Volume,
     is_nifti,
     make_sample,
+    open_volume,
     path_stem,
-    read_volume,
-    volume_to_samples,
 )
 from .discovery import count_slices, discover_inputs, natural_key, read_split
 from .sample import Sample
@@ -213,9 +212,13 @@ class VolumeDataset(Dataset):
     """DICOM series, NIfTI volumes and image files, flattened into slices.
 
     The slice count of every input is read from headers at construction (no pixel
-    decoding); a volume is read when one of its slices is first asked for and kept
-    until a slice of another volume is asked for, so sequential access reads each
-    volume once (shuffled access re-reads; use it for inference, in order).
+    decoding). A volume is *opened* (:class:`~.readers.LazyVolume`: its headers, sorted
+    and checked, and its geometry) when one of its slices is first asked for, and kept
+    open until a slice of another volume is asked for; each ``__getitem__`` then decodes
+    that one slice (one DICOM file, one NIfTI slice through nibabel's proxy). Memory is
+    one slice and the headers' small per-slice facts, not the volume. Access in order
+    (inference): shuffled access re-opens volumes, and a ``.nii.gz`` re-decompresses from
+    its start at every backward jump.
 
     Args:
         paths: one path or a list: DICOM files/folders, ``.nii``/``.nii.gz``,
@@ -266,17 +269,33 @@ class VolumeDataset(Dataset):
         self._index: list[tuple[int, int]] = []
         for v, path in enumerate(self.inputs):
             self._index.extend((v, s) for s in range(count_slices(path)))
-        self._cache: tuple[int, Volume] | None = None
+        self._cache: tuple[int, LazyVolume] | None = None
 
     def __len__(self) -> int:
         return len(self._index)
 
-    def volume(self, v: int) -> Volume:
-        """Input ``v`` as a :class:`Volume` (cached while consecutive slices are read)."""
+    def volume(self, v: int) -> LazyVolume:
+        """Input ``v`` opened lazily (kept open while consecutive slices are read)."""
         if self._cache is None or self._cache[0] != v:
-            kw = {"labels": self.labels[v]} if self.labels[v] is not None else {}
-            self._cache = (v, read_volume(self.inputs[v], **kw))
+            self.close()
+            self._cache = (v, self.open_volume(v))
         return self._cache[1]
+
+    def open_volume(self, v: int) -> LazyVolume:
+        """Input ``v`` opened anew (not the one kept for ``__getitem__``); the caller closes it."""
+        kw = {"labels": self.labels[v]} if self.labels[v] is not None else {}
+        return open_volume(self.inputs[v], **kw)
+
+    def indices_of(self, inputs) -> list[int]:
+        """The dataset indices of the slices of the inputs numbered in ``inputs``, in order."""
+        wanted = set(inputs)
+        return [i for i, (v, _) in enumerate(self._index) if v in wanted]
+
+    def close(self) -> None:
+        """Close the volume kept open (a NIfTI file handle), if any."""
+        if self._cache is not None:
+            self._cache[1].close()
+            self._cache = None
 
     def __getitem__(self, index: int) -> Sample:
         if not 0 <= index < len(self._index):
@@ -287,21 +306,19 @@ class VolumeDataset(Dataset):
             raise DataError(
                 f"{volume.source}: has {volume.num_slices} slices when read, but its headers counted more"
             )
-        # A one-slice view keeps the id and source rules of volume_to_samples.
-        view = Volume(
-            array=volume.array[s : s + 1], units=volume.units, spacing=volume.spacing,
-            source=volume.source, slice_sources=volume.slice_sources[s : s + 1],
-            labels=None if volume.labels is None else volume.labels[s : s + 1], meta={},
-        )
-        sample = next(volume_to_samples(view, self.window, self.mask_type, self.min_area, self.size))
-        sample.slice_index = s
-        sample.meta["volume"] = str(volume.source)  # a series' slices come from separate files
-        if volume.num_slices > 1:
-            sample.sample_id = f"{path_stem(volume.source)}#{s:04d}"
+        # The id and source rules of volume_to_samples, for one slice.
+        window = resolve_window(self.window, volume.units, volume.source)
+        meta = {"volume": str(volume.source)}  # a series' slices come from separate files
         positions = volume.meta.get("slice_positions")
         if positions is not None:
-            sample.meta["slice_position"] = positions[s]
-        return sample
+            meta["slice_position"] = positions[s]
+        stem = path_stem(volume.source)
+        return make_sample(
+            volume.slice(s), volume.units, window=window, codes=volume.label_slice(s), labelled=False,
+            mask_type=self.mask_type, min_area=self.min_area, size=self.size,
+            sample_id=f"{stem}#{s:04d}" if volume.num_slices > 1 else stem,
+            source=volume.slice_sources[s], spacing=volume.spacing, slice_index=s, meta=meta,
+        )
 
 
 # --------------------------------------------------------------------------- config

@@ -12,13 +12,21 @@ Readers:
 * :class:`NiftiReader`: a NIfTI volume in HU, with an optional label volume.
 
 :func:`read_volume` picks the reader from the path. Every error names the file.
+
+Each reader also *opens* a volume lazily (:func:`open_volume`, ``reader.open(path)``): a
+:class:`LazyVolume` holds the headers, geometry and metadata and decodes one slice when it
+is asked for, so prediction over a long series holds one slice at a time, not the volume.
+A DICOM series reads every header once (pixel data deferred) and one file per slice; a
+NIfTI volume slices nibabel's array proxy (``dataobj[..., k]``), which for ``.nii.gz``
+decompresses up to the slice (cheap when read in order, a re-read from the start for
+every backward jump). ``read`` is ``open(...).load()``: the same values either way.
 """
 
 from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +42,7 @@ from .windowing import apply_window, describe_window, resolve_window
 PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")  # what holds an image
 
 __all__ = [
-    "Volume", "ImageReader", "PillowReader", "DicomReader", "NiftiReader", "IMAGE_SUFFIXES",
+    "Volume", "LazyVolume", "open_volume", "ImageReader", "PillowReader", "DicomReader", "NiftiReader", "IMAGE_SUFFIXES",
     "NIFTI_SUFFIXES", "read_volume", "volume_to_samples", "make_sample", "path_stem",
     "is_nifti", "is_image", "looks_like_dicom",
 ]
@@ -84,6 +92,91 @@ class Volume:
     @property
     def num_slices(self) -> int:
         return int(self.array.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self.array.shape)
+
+    def slice(self, i: int) -> np.ndarray:
+        """Slice ``i`` ``[H, W]`` (the :class:`LazyVolume` interface)."""
+        return self.array[i]
+
+    def label_slice(self, i: int) -> np.ndarray | None:
+        return None if self.labels is None else self.labels[i]
+
+
+@dataclass
+class LazyVolume:
+    """A volume whose slices are decoded one at a time, when asked for.
+
+    Same attributes as :class:`Volume` except ``array``/``labels``: ``shape`` is
+    ``(S, H, W)``, :meth:`slice` decodes one slice (float32 HU or uint8 stored values, as
+    ``Volume.array``), :meth:`label_slice` one label map (or ``None``), :meth:`load` the
+    whole :class:`Volume`. ``close`` releases an open file (NIfTI).
+    """
+
+    shape: tuple[int, int, int]
+    units: str
+    spacing: tuple[float, float] | None
+    source: str
+    slice_sources: list[str]
+    read_slice: Callable[[int], np.ndarray]
+    read_label_slice: Callable[[int], np.ndarray] | None = None
+    meta: dict = field(default_factory=dict)
+    closer: Callable[[], None] | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.slice_sources) != self.shape[0]:
+            raise DataError(f"{self.source}: {len(self.slice_sources)} slice sources for {self.shape[0]} slices")
+
+    @classmethod
+    def of(cls, volume: Volume) -> "LazyVolume":
+        """A volume already in memory behind the lazy interface."""
+        return cls(shape=volume.shape, units=volume.units, spacing=volume.spacing, source=volume.source,
+                   slice_sources=volume.slice_sources, read_slice=volume.slice,
+                   read_label_slice=None if volume.labels is None else volume.label_slice, meta=volume.meta)
+
+    @property
+    def num_slices(self) -> int:
+        return int(self.shape[0])
+
+    @property
+    def has_labels(self) -> bool:
+        return self.read_label_slice is not None
+
+    def _check(self, i: int) -> None:
+        if not 0 <= i < self.num_slices:
+            raise IndexError(f"{self.source}: slice {i} out of range for {self.num_slices} slices")
+
+    def slice(self, i: int) -> np.ndarray:
+        self._check(i)
+        out = self.read_slice(i)
+        if tuple(out.shape) != tuple(self.shape[1:]):
+            raise DataError(f"{self.slice_sources[i]}: slice {i} is {out.shape} but the volume's slices are "
+                            f"{tuple(self.shape[1:])}")
+        return out
+
+    def label_slice(self, i: int) -> np.ndarray | None:
+        self._check(i)
+        return None if self.read_label_slice is None else self.read_label_slice(i)
+
+    def load(self) -> Volume:
+        """Every slice decoded into a :class:`Volume`."""
+        n, h, w = self.shape
+        dtype = np.float32 if self.units == "HU" else np.uint8
+        array = np.empty((n, h, w), dtype=dtype)
+        for i in range(n):
+            array[i] = self.slice(i)
+        labels = None
+        if self.has_labels:
+            labels = np.stack([self.label_slice(i) for i in range(n)]) if n else np.zeros((0, h, w), np.uint8)
+        return Volume(array=array, units=self.units, spacing=self.spacing, source=self.source,
+                      slice_sources=list(self.slice_sources), labels=labels, meta=self.meta)
+
+    def close(self) -> None:
+        if self.closer is not None:
+            self.closer()
+            self.closer = None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -139,6 +232,10 @@ class ImageReader(ABC):
             FileNotFoundError: ``path`` does not exist.
             ValueError: the file cannot be read as this format; the message names it.
         """
+
+    def open(self, path: str | Path) -> LazyVolume:
+        """``path`` as a :class:`LazyVolume` (readers of one-slice files read it whole)."""
+        return LazyVolume.of(self.read(path))
 
 
 class PillowReader(ImageReader):
@@ -274,8 +371,8 @@ class DicomReader(ImageReader):
 
         loaded, bad = [], []
         for f in files:
-            try:
-                loaded.append((f, pydicom.dcmread(f)))
+            try:  # values over 1 KB (the pixel data) stay on disk until asked for
+                loaded.append((f, pydicom.dcmread(f, defer_size=1024)))
             except Exception as exc:  # InvalidDicomError, EOFError, struct.error... all mean unreadable
                 if not skip_bad:
                     raise DataError(f"{f}: not a readable DICOM file ({exc})") from None
@@ -336,9 +433,13 @@ class DicomReader(ImageReader):
             # Ascending instance number == descending position in COVID-CT-MD; no
             # physical position is known, so slice_positions stays None.
             return [-float(ds.InstanceNumber) for _, ds in loaded], "InstanceNumber"
-        return None, "file name"
-
     def read(self, path: str | Path) -> Volume:
+        return self.open(path).load()
+
+    def open(self, path: str | Path) -> LazyVolume:
+        """The series' headers, sorted and checked (pixel data deferred, not decoded); each
+        slice is decoded from its own file when asked for. A single file is decoded at once
+        (it may be multi-frame)."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"DICOM path not found: {path}")
@@ -404,18 +505,13 @@ class DicomReader(ImageReader):
                         "slices may be missing", stacklevel=2,
                     )
 
-        slices = []
-        for f, ds in loaded:
-            stored = self._pixels(f, ds)
-            if stored.ndim == 3 and len(loaded) > 1:
-                raise DataError(f"{f}: multi-frame file inside a series folder is not supported")
-            slope = _ds_float(ds, "RescaleSlope", 1.0)
-            intercept = _ds_float(ds, "RescaleIntercept", 0.0)
-            hu = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
-            slices.append(hu if hu.ndim == 3 else hu[None])
-        array = np.concatenate(slices, axis=0).astype(np.float32, copy=False)
-        if array.shape[0] != len(loaded):  # one multi-frame file: frames in stored order
-            slice_sources = [str(loaded[0][0])] * array.shape[0]
+        frames = None
+        if len(loaded) == 1:  # one file, perhaps multi-frame: decoded now, frames in stored order
+            frames = self._hu(*loaded[0])
+            frames = frames if frames.ndim == 3 else frames[None]
+        single_image = frames is None or frames.shape[0] == 1
+        if frames is not None and not single_image:
+            slice_sources = [str(loaded[0][0])] * frames.shape[0]
             positions = None
         else:
             slice_sources = [str(f) for f, _ in loaded]
@@ -437,20 +533,43 @@ class DicomReader(ImageReader):
             # Geometry for volume outputs (label NIfTI, DICOM-SEG): the first slice's
             # orientation and every slice's position, in the returned order (DICOM LPS).
             "image_orientation": _ds_floats(ref_ds, "ImageOrientationPatient", 6),
-            "image_positions": (None if array.shape[0] != len(loaded) else
-                                _all_positions([ds for _, ds in loaded])),
+            "image_positions": _all_positions([ds for _, ds in loaded]) if single_image else None,
             "transfer_syntax": str(getattr(ref_ds, "file_meta", {}).get("TransferSyntaxUID", "")) or None,
         }
         for keyword, key in (("PatientSex", "patient_sex"), ("PatientAge", "patient_age")):
             value = str(ref_ds.get(keyword, "") or "").strip()
             if value:
                 meta[key] = value
-        return Volume(
-            array=array, units="HU", spacing=spacing, source=str(path),
-            slice_sources=slice_sources, labels=None, meta=meta,
-        )
+        if frames is not None:
+            return LazyVolume.of(Volume(array=frames, units="HU", spacing=spacing, source=str(path),
+                                        slice_sources=slice_sources, labels=None, meta=meta))
+        files = [f for f, _ in loaded]
+        loaded = None  # the headers are not kept: one file is read again per slice
 
-    @staticmethod
+        def read_slice(i: int) -> np.ndarray:
+            import pydicom
+
+            f = files[i]
+            try:
+                ds = pydicom.dcmread(f)
+            except Exception as exc:  # changed or truncated since the headers were read
+                raise DataError(f"{f}: not a readable DICOM file ({exc})") from None
+            hu = self._hu(f, ds)
+            if hu.ndim != 2:
+                raise DataError(f"{f}: multi-frame file inside a series folder is not supported")
+            return hu
+
+        return LazyVolume(shape=(len(files), *ref_shape), units="HU", spacing=spacing, source=str(path),
+                          slice_sources=slice_sources, read_slice=read_slice, meta=meta)
+
+    @classmethod
+    def _hu(cls, f: Path, ds) -> np.ndarray:
+        """Pixels of one file in HU (``RescaleSlope`` and ``RescaleIntercept``), float32."""
+        stored = cls._pixels(f, ds)
+        slope = _ds_float(ds, "RescaleSlope", 1.0)
+        intercept = _ds_float(ds, "RescaleIntercept", 0.0)
+        return (stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)).astype(np.float32, copy=False)
+
     def _pixels(f: Path, ds) -> np.ndarray:
         if "PixelData" not in ds:
             raise DataError(f"{f}: DICOM file has no pixel data")
@@ -477,13 +596,19 @@ class NiftiReader(ImageReader):
     files need a singleton 4th axis.
 
     Units: ``"HU"`` is an assumption, true of CT NIfTI exported from DICOM;
-    ``scl_slope``/``scl_inter`` are applied by ``get_fdata``. Spacing is
+    ``scl_slope``/``scl_inter`` are applied (nibabel's array proxy). Spacing is
     ``(row, col) = (Y zoom, X zoom)``.
+
+    :meth:`open` decodes nothing: each slice is read through the proxy,
+    ``dataobj[..., k]``, from one file handle kept open (for ``.nii.gz`` the gzip stream
+    is decompressed up to slice ``k``: reading in order costs one pass over the file, a
+    backward jump starts again from the beginning). A slice holding NaN or infinity is an
+    error naming the file when it is read.
 
     Args:
         labels: optional label volume path with canonical codes 0..3 (see :mod:`.masks`),
             same voxel grid as the image; other values or another shape are errors naming
-            both files.
+            both files (checked when the volume is opened, one slice at a time).
     """
 
     def __init__(self, labels: str | Path | None = None) -> None:
@@ -493,50 +618,85 @@ class NiftiReader(ImageReader):
         return is_nifti(path)
 
     @staticmethod
-    def _load(path: Path, what: str) -> tuple[np.ndarray, object]:
+    def _open(path: Path, what: str):
+        """``(slice reader, (X, Y, Z) shape, image, close)`` of one NIfTI file, nothing decoded."""
+        import gzip
+
         import nibabel as nib
 
         if not path.is_file():
             raise FileNotFoundError(f"NIfTI {what} not found: {path}")
         try:
-            img = nib.load(str(path))
-            data = np.asarray(img.get_fdata(dtype=np.float32))
+            klass = type(nib.load(str(path)))  # the header only: Nifti1 or Nifti2
+            fh = gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
         except Exception as exc:  # nibabel raises ImageFileError, EOFError, zlib errors...
             raise DataError(f"{path}: not a readable NIfTI file ({exc})") from None
-        if data.ndim == 4 and data.shape[3] == 1:
-            data = data[..., 0]
-        if data.ndim == 2:
-            data = data[..., None]
-        if data.ndim != 3:
-            raise DataError(f"{path}: expected a 2-D or 3-D NIfTI {what}, got shape {data.shape}")
-        return np.ascontiguousarray(data.transpose(2, 1, 0)), img
+        try:
+            img = klass.from_file_map({"header": nib.FileHolder(fileobj=fh), "image": nib.FileHolder(fileobj=fh)})
+        except Exception as exc:
+            fh.close()
+            raise DataError(f"{path}: not a readable NIfTI file ({exc})") from None
+        shape = tuple(int(n) for n in img.shape)
+        if len(shape) == 4 and shape[3] == 1:
+            index = lambda k: (slice(None), slice(None), k, 0)  # noqa: E731
+        elif len(shape) == 3:
+            index = lambda k: (slice(None), slice(None), k)  # noqa: E731
+        elif len(shape) == 2:
+            index = lambda k: (slice(None), slice(None))  # noqa: E731
+        else:
+            fh.close()
+            raise DataError(f"{path}: expected a 2-D or 3-D NIfTI {what}, got shape {shape}")
+        xyz = (shape[0], shape[1], shape[2] if len(shape) > 2 else 1)
 
-    def read(self, path: str | Path) -> Volume:
+        def read_slice(k: int) -> np.ndarray:
+            try:
+                data = np.asarray(img.dataobj[index(k)])
+            except Exception as exc:  # truncated or corrupt data
+                raise DataError(f"{path}: not a readable NIfTI file (slice {k}: {exc})") from None
+            return np.ascontiguousarray(data.T, dtype=np.float32)  # (X, Y) -> rows Y, columns X
+
+        return read_slice, xyz, img, fh.close
+
+    def open(self, path: str | Path) -> LazyVolume:
         import nibabel as nib
 
         path = Path(path)
-        array, img = self._load(path, "image")
-        if not np.isfinite(array).all():
-            raise DataError(f"{path}: image holds NaN or infinite values")
+        read_image, xyz, img, close = self._open(path, "image")
+        closers = [close]
         zooms = tuple(float(z) for z in img.header.get_zooms()[:3]) + (1.0, 1.0, 1.0)
         spacing = (zooms[1], zooms[0])
-        labels = None
+
+        def read_slice(k: int) -> np.ndarray:
+            out = read_image(k)
+            if not np.isfinite(out).all():
+                raise DataError(f"{path}: image holds NaN or infinite values (slice {k})")
+            return out
+
+        read_labels = None
         if self.labels is not None:
             label_path = Path(self.labels)
-            raw, _ = self._load(label_path, "label volume")
-            if raw.shape != array.shape:
-                raise DataError(
-                    f"label volume {label_path} has shape {raw.shape[::-1]} (X,Y,Z) but image "
-                    f"{path} has {array.shape[::-1]}; they must share one voxel grid"
-                )
-            values = np.unique(raw)
-            bad = [f"{v:g}" for v in values if v != round(v) or not BACKGROUND <= v <= CONSOLIDATION]
-            if bad:
-                raise DataError(
-                    f"label volume {label_path} (for image {path}) has values [{', '.join(bad[:10])}] "
-                    "outside the canonical codes 0 bg / 1 lung / 2 GGO / 3 consolidation"
-                )
-            labels = raw.astype(np.uint8)
+            read_raw, label_xyz, _, close_labels = self._open(label_path, "label volume")
+            closers.append(close_labels)
+            try:
+                if label_xyz != xyz:
+                    raise DataError(
+                        f"label volume {label_path} has shape {label_xyz} (X,Y,Z) but image "
+                        f"{path} has {xyz}; they must share one voxel grid"
+                    )
+                values = set()
+                for k in range(xyz[2]):  # checked now, one slice at a time
+                    values.update(np.unique(read_raw(k)).tolist())
+                bad = [f"{v:g}" for v in sorted(values) if v != round(v) or not BACKGROUND <= v <= CONSOLIDATION]
+                if bad:
+                    raise DataError(
+                        f"label volume {label_path} (for image {path}) has values [{', '.join(bad[:10])}] "
+                        "outside the canonical codes 0 bg / 1 lung / 2 GGO / 3 consolidation"
+                    )
+            except BaseException:
+                for c in closers:
+                    c()
+                raise
+            read_labels = lambda k: read_raw(k).astype(np.uint8)  # noqa: E731
         try:
             axcodes = "".join(nib.aff2axcodes(img.affine))
         except Exception:  # a degenerate affine: metadata only, do not fail the read
@@ -548,10 +708,23 @@ class NiftiReader(ImageReader):
             "labels_source": str(self.labels) if self.labels is not None else None,
             "affine": np.asarray(img.affine, dtype=np.float64).tolist(),  # voxel (i, j, k) -> RAS mm
         }
-        return Volume(
-            array=array.astype(np.float32, copy=False), units="HU", spacing=spacing, source=str(path),
-            slice_sources=[str(path)] * array.shape[0], labels=labels, meta=meta,
+        return LazyVolume(
+            shape=(xyz[2], xyz[1], xyz[0]), units="HU", spacing=spacing, source=str(path),
+            slice_sources=[str(path)] * xyz[2], read_slice=read_slice, read_label_slice=read_labels,
+            meta=meta, closer=lambda: _close_all(closers),
         )
+
+    def read(self, path: str | Path) -> Volume:
+        lazy = self.open(path)
+        try:
+            return lazy.load()
+        finally:
+            lazy.close()
+
+
+def _close_all(closers) -> None:
+    for close in closers:
+        close()
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -600,6 +773,19 @@ def read_volume(path: str | Path, reader: ImageReader | None = None, **kw) -> Vo
     elif kw:
         raise DataError(f"{path}: pass options to the reader's constructor, not with reader= ({sorted(kw)})")
     return reader.read(path)
+
+
+def open_volume(path: str | Path, reader: ImageReader | None = None, **kw) -> LazyVolume:
+    """:func:`read_volume`, lazily: headers and geometry now, each slice when asked for
+    (see :class:`LazyVolume`; close it when done)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input not found: {path}")
+    if reader is None:
+        reader = _pick_reader(path, **kw)
+    elif kw:
+        raise DataError(f"{path}: pass options to the reader's constructor, not with reader= ({sorted(kw)})")
+    return reader.open(path)
 
 
 # --------------------------------------------------------------------------- samples

@@ -144,12 +144,16 @@ def predict_checkpoint(
     checkpoint: str | Path, inputs: list[str | Path], out: str | Path, *, window: str | None = None,
     size: int | None = None, score_thresh: float | None = None, overlays: str = "all", volume_outputs=None,
     aggregate: str = "abnormal_fraction", min_abnormal_fraction: float = 0.1, device: str = "auto",
-    progress: bool = True,
+    progress: bool = True, skip_existing: bool = False, batch_size: int = 1,
 ):
     """Run ``checkpoint`` on PNG/JPG slices, DICOM files or series and NIfTI volumes; outputs
     in ``out`` (see ``ctlesion predict``). The window is the inputs' own (``auto``) unless
     given; the slice size is the training data's unless given. ``overlays``: ``all``,
-    ``lesions``/``abnormal`` (slices with findings), ``none``. Returns the summary
+    ``lesions``/``abnormal`` (slices with findings), ``none``. ``skip_existing``: volumes
+    whose folder in ``out`` is complete and made from the same input, model and options are
+    not predicted again (a resumed batch job; ``skipped`` in the summary lists them).
+    ``batch_size``: slices per forward pass (detectors; classifiers run one slice at a time).
+    Returns the summary
     (:class:`~ctlesion.engine.predict.PredictSummary` for detectors,
     :class:`~ctlesion.engine.predict_classifier.ClassifyPredictSummary` for classifiers).
     ``checkpoint`` is a folder or a built-in model name (verified against its SHA-256)."""
@@ -162,10 +166,11 @@ def predict_checkpoint(
         info = model_info(checkpoint, model, cfg, meta, dataset, score_thresh)
         return predict_inputs(model, dataset, out, dev, score_thresh=score_thresh,
                               overlays={"abnormal": "lesions"}.get(overlays, overlays), progress=progress,
-                              volume_outputs=volume_outputs, model_info=info)
+                              volume_outputs=volume_outputs, model_info=info, skip_existing=skip_existing,
+                              batch_size=batch_size)
     info = model_info(checkpoint, model, cfg, meta, dataset, score_thresh,
                       {"aggregate": aggregate, "min_abnormal_fraction": min_abnormal_fraction})
     return predict_classification(
         model, dataset, out, dev, cls_bn=scoring_cls_bn(cfg), overlays={"lesions": "abnormal"}.get(overlays, overlays),
         method=aggregate, min_abnormal_fraction=min_abnormal_fraction, score_thresh=score_thresh,
-        progress=progress, volume_outputs=volume_outputs, model_info=info)
+        progress=progress, volume_outputs=volume_outputs, model_info=info, skip_existing=skip_existing)

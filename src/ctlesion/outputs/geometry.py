@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..data.readers import Volume, is_nifti
+from ..data.readers import LazyVolume, Volume, is_nifti
 from ..errors import DataError
 
 __all__ = ["VolumeGeometry", "GeometryError", "LPS_TO_RAS", "dicom_affine", "volume_geometry"]
@@ -75,13 +75,13 @@ def dicom_affine(orientation, positions, pixel_spacing, slice_thickness: float |
     return LPS_TO_RAS @ lps
 
 
-def volume_geometry(volume: Volume) -> VolumeGeometry:
+def volume_geometry(volume: Volume | LazyVolume) -> VolumeGeometry:
     """The grid of a DICOM or NIfTI :class:`Volume`.
 
     Raises:
         GeometryError: a PNG/JPG input, or DICOM without orientation/position/spacing tags.
     """
-    shape = tuple(int(n) for n in volume.array.shape)
+    shape = tuple(int(n) for n in volume.shape)
     if is_nifti(volume.source):
         affine = np.asarray(volume.meta.get("affine"), dtype=np.float64)
         if affine.shape != (4, 4):

@@ -65,7 +65,9 @@ def _plot_svg(summary: dict) -> str:
     slices = summary["slices"]
     index = [s["index"] for s in slices]
     has_probs = any("probabilities" in s for s in slices)
-    with plt.rc_context({"svg.fonttype": "none", "font.size": 9}):
+    # A fixed hash salt and no date: the same volumes give the same report (a resumed run's equals
+    # an uninterrupted one's).
+    with plt.rc_context({"svg.fonttype": "none", "font.size": 9, "svg.hashsalt": "ctlesion"}):
         fig, axes = plt.subplots(2 if has_probs else 1, 1, figsize=(7.5, 4.6 if has_probs else 2.6),
                                  sharex=True, squeeze=False)
         ax = axes[0, 0]
@@ -87,7 +89,7 @@ def _plot_svg(summary: dict) -> str:
         axes[-1, 0].set_xlabel("slice (volume order)")
         fig.tight_layout()
         buf = io.StringIO()
-        fig.savefig(buf, format="svg")
+        fig.savefig(buf, format="svg", metadata={"Date": None})
         plt.close(fig)
     svg = buf.getvalue()
     return svg[svg.index("<svg"):]
