@@ -1,4 +1,4 @@
-"""``ctlesion`` command line: models, train, evaluate, predict, verify-data, demo, compare.
+"""``ctlesion`` command line: models, train, evaluate, predict, verify-data, demo, compare, benchmark.
 
 ``train`` / ``evaluate`` / ``predict`` serve every model: detectors (segmentation), slice
 classifiers (CTM, CNNs) and joint models (SSM, mask-feature models); the checkpoint's
@@ -220,6 +220,58 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from .engine import benchmark as bench
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else list(bench.DEFAULT_MODELS)
+    result = {}
+    if not args.volume_only:
+        result = bench.run_benchmark(models, device=args.device, threads=args.threads, batch=args.batch,
+                                     detections=args.detections, repeats=args.repeats, warmup=args.warmup,
+                                     size=args.size, precision=args.precision, progress=not args.quiet)
+        print(bench.format_table(result))
+    if args.volume is not None or args.volume_only:
+        series = None if args.volume in (None, "synthetic") else args.volume
+        volume = bench.volume_benchmark(args.volume_model, series=series, num_slices=args.volume_slices,
+                                        size=args.size, detections=args.detections, device=args.device,
+                                        threads=args.threads, repeats=args.volume_repeats, precision=args.precision,
+                                        progress=not args.quiet)
+        print(bench.format_volume(volume))
+        result["volume"] = volume
+    if args.json:
+        bench.save_result(args.json, result)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _add_benchmark_parser(sub) -> None:
+    p = sub.add_parser("benchmark", help="inference time per slice (and per DICOM volume) against stock "
+                                         "torchvision, interleaved in one process; table + JSON")
+    p.add_argument("--models", default=None,
+                   help="comma-separated registry names (default: maskrcnn-r18-s2, ssm-detector-r18-s3, ssm-r18-s3, "
+                        "ssm-2branch-r18-s3, ctm-r50-fpn, affinity-r18, lstm2-r18)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--batch", type=int, default=1, help="slices per forward (default 1)")
+    p.add_argument("--detections", type=int, default=128,
+                   help="force N masked detections per slice (score threshold 0, NMS IoU 1.0, cap N; "
+                        "the worst case; default 128); 0: the models' own thresholds")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds after the warm-up (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up rounds (default 1)")
+    p.add_argument("--size", type=int, default=512, help="slice size (default 512)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="ctlesion models' precision (bf16: autocast, opt-in); stock runs in float32")
+    p.add_argument("--volume", nargs="?", const="synthetic", default=None, metavar="SERIES",
+                   help="also time `predict` end to end on a DICOM series (default: a synthetic one written here)")
+    p.add_argument("--volume-only", action="store_true", help="only the volume benchmark")
+    p.add_argument("--volume-model", default="ssm-2branch-r18-s3", help="model of the volume benchmark")
+    p.add_argument("--volume-slices", type=int, default=30, help="slices of the synthetic series (default 30)")
+    p.add_argument("--volume-repeats", type=int, default=1, help="volume runs, each followed by stock's (default 1)")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    p.add_argument("--quiet", action="store_true", help="no per-round lines")
+    p.set_defaults(func=_cmd_benchmark)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctlesion",
@@ -334,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a much shorter run, for smoke tests")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_compare)
+
+    _add_benchmark_parser(sub)
     return parser
 
 

@@ -1,0 +1,127 @@
+"""The fast inference path gives the stock outputs (issue 11; speed is in docs/benchmarks.md,
+never timed here): boolean box-by-box mask pasting against torchvision's pasting, the joint
+models' shared RoI pass against a second stock pass, on tiny inputs with forced detections."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+from ctlesion.engine.evaluate import compact_prediction, detect_batch
+from ctlesion.models.maskrcnn import set_detection_settings
+from ctlesion.models.rcnn_parts import binary_masks, logit_mask_scores, paste_masks_binary
+from ctlesion.registry import create_model, default_model_config
+
+
+def _images(n=1, size=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand((1, size, size), generator=g) for _ in range(n)]
+
+
+def _detector(name="maskrcnn-r18-s2", detections=24, **changes):
+    cfg = default_model_config(name)
+    for key, value in changes.items():
+        setattr(cfg.detector, key, value)
+    torch.manual_seed(0)
+    model = create_model(cfg).eval()
+    det = getattr(model, "detector", model)
+    # Forced detections: every candidate passes the score threshold, NMS keeps all (IoU <= 1).
+    set_detection_settings(det, score_thresh=0.0, nms_thresh=1.0, detections_per_img=detections)
+    return model
+
+
+def _mask_iou(a, b):
+    inter = (a & b).flatten(1).sum(1).double()
+    union = (a | b).flatten(1).sum(1).double()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.2, 0.9])
+def test_binary_paste_equals_stock_paste_then_threshold(threshold):
+    g = torch.Generator().manual_seed(1)
+    masks = torch.rand((40, 1, 28, 28), generator=g)
+    xy = torch.rand((40, 2), generator=g) * 70 - 5
+    wh = torch.rand((40, 2), generator=g) * 40
+    boxes = torch.cat([xy, xy + wh], 1).clamp_min(0)                # clipped, as detections are
+    boxes[:, 0::2], boxes[:, 1::2] = boxes[:, 0::2].clamp_max(60), boxes[:, 1::2].clamp_max(64)
+    boxes[0] = torch.tensor([10.0, 10.0, 10.0, 10.0])        # zero-size box
+    boxes[1] = torch.tensor([0.0, 0.0, 60.0, 64.0])          # the whole image
+    stock = paste_masks_in_image(masks, boxes, (64, 60)) > threshold
+    fast = paste_masks_binary(masks, boxes, (64, 60), threshold)
+    assert fast.dtype == torch.bool and fast.shape == stock.shape == (40, 1, 64, 60)
+    assert torch.equal(fast, stock)
+
+
+@pytest.mark.parametrize("logit_threshold", [0.5, 0.0, -0.5])
+def test_binary_paste_of_logits_equals_the_ctm_logit_pasting(logit_threshold):
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn((12, 1, 28, 28), generator=g) * 3
+    boxes = torch.tensor([[4.0, 5.0, 30.0, 20.0], [0.0, 0.0, 47.0, 47.0], [40.0, 40.0, 47.0, 47.0]]).repeat(4, 1)
+    pasted = paste_masks_in_image(logits, boxes, (48, 48))
+    stock = logit_mask_scores(pasted, logit_threshold) > 0.5
+    fast = paste_masks_binary(logits, boxes, (48, 48), 0.5, logit_threshold=logit_threshold)
+    assert torch.equal(fast, stock)
+    if logit_threshold < 0:       # outside every box the pasted logit 0 is above the threshold
+        assert fast[0, 0, 47, 0]
+
+
+def test_binary_paste_of_no_detections():
+    out = paste_masks_binary(torch.zeros((0, 1, 28, 28)), torch.zeros((0, 4)), (32, 32), 0.5)
+    assert out.shape == (0, 1, 32, 32) and out.dtype == torch.bool
+
+
+def _assert_same_detections(fast, stock, mask_thresh=0.5):
+    assert len(fast["scores"]) == len(stock["scores"]) > 0
+    torch.testing.assert_close(fast["boxes"], stock["boxes"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(fast["scores"], stock["scores"], atol=1e-4, rtol=0)
+    assert torch.equal(fast["labels"], stock["labels"])
+    stock_masks = stock["masks"][:, 0] > mask_thresh
+    assert fast["masks"].dtype == torch.bool and fast["masks"].shape == stock_masks.shape
+    assert _mask_iou(fast["masks"], stock_masks).min() >= 0.999
+
+
+@pytest.mark.parametrize("mask_paste", ["probabilities", "logits"])
+def test_detect_batch_gives_the_stock_detections(mask_paste):
+    model = _detector(mask_paste=mask_paste, detection_filter="none" if mask_paste == "logits" else "min_side")
+    images = _images(2, size=80)
+    with torch.inference_mode():
+        stock = model(images)
+        fast = detect_batch(model, images, 0.5)
+    for f, s in zip(fast, stock):
+        _assert_same_detections(f, s)
+        assert torch.equal(f["masks"], s["masks"][:, 0] > 0.5)      # in fact bitwise
+    assert model.transform.binary_mask_threshold is None             # restored
+
+
+def test_binary_masks_leaves_other_models_alone():
+    with binary_masks(torch.nn.Linear(2, 2), 0.5):
+        pass
+
+
+@pytest.mark.parametrize("name", ["ssm-r18-s3", "ssm-2branch-r18-s3", "affinity-r18"])
+def test_joint_forward_shares_the_roi_pass_with_the_stock_detections(name):
+    model = _detector(name, detections=32)
+    if model.cls_branch is not None:      # make the two branches differ, as after training
+        with torch.no_grad():
+            for p in model.cls_branch.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+    images = _images(1, size=96, seed=3)
+    model.padding_generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode(), model.inference():
+        out = model(images, with_detections=True)
+        image_list, _ = model.detector.transform(images)
+        features = model.detector.backbone(image_list.tensors)
+        proposals, _ = model.detector.rpn(image_list, features)
+        dets, _ = model.detector.roi_heads(features, proposals, image_list.image_sizes)
+        stock = model.detector.transform.postprocess(dets, image_list.image_sizes, [(96, 96)])
+        model.padding_generator = torch.Generator().manual_seed(0)
+        batches = model.roi_batches(images)[0]
+        with binary_masks(model, 0.5):
+            model.padding_generator = torch.Generator().manual_seed(0)
+            fast = model(images, with_detections=True)
+    for key in ("boxes", "scores", "labels", "masks"):
+        assert torch.equal(out.detections[0][key], stock[0][key]), key     # bitwise: the same ops
+    _assert_same_detections(compact_prediction(fast.detections[0], 0.5), stock[0])
+    assert torch.equal(fast.logits, out.logits)
+    assert torch.equal(batches[0].scores, out.rois[0]["scores"])
