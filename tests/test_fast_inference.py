@@ -90,8 +90,31 @@ def test_detect_batch_gives_the_stock_detections(mask_paste):
         fast = detect_batch(model, images, 0.5)
     for f, s in zip(fast, stock):
         _assert_same_detections(f, s)
-        assert torch.equal(f["masks"], s["masks"][:, 0] > 0.5)      # in fact bitwise
     assert model.transform.binary_mask_threshold is None             # restored
+    assert model.backbone.body.conv1.weight.is_contiguous()          # layout restored
+
+
+def test_channels_last_keeps_values_and_restores_the_layout():
+    from ctlesion.models.inference import channels_last
+
+    conv = torch.nn.Conv2d(3, 4, 3)
+    before = conv.weight.detach().clone()
+    with channels_last(conv):
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(conv.weight, before)
+    assert conv.weight.is_contiguous() and torch.equal(conv.weight, before)
+
+
+def test_bf16_is_opt_in_and_checked():
+    from ctlesion.errors import ConfigError
+    from ctlesion.models.inference import inference_precision
+
+    with inference_precision("cpu", "bf16"):
+        assert torch.nn.functional.linear(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
+    with inference_precision("cpu", "fp32"):
+        assert torch.nn.functional.linear(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32
+    with pytest.raises(ConfigError):
+        inference_precision("cpu", "fp16")
 
 
 def test_binary_masks_leaves_other_models_alone():
@@ -125,3 +148,38 @@ def test_joint_forward_shares_the_roi_pass_with_the_stock_detections(name):
     _assert_same_detections(compact_prediction(fast.detections[0], 0.5), stock[0])
     assert torch.equal(fast.logits, out.logits)
     assert torch.equal(batches[0].scores, out.rois[0]["scores"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mask_paste", ["probabilities", "logits"])
+def test_onnx_export_matches_pytorch_with_onnxruntime(tmp_path, mask_paste, capsys):
+    pytest.importorskip("onnx", reason="the onnx extra is not installed")
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    from ctlesion.cli import main
+    from ctlesion.config import ExperimentConfig
+    from ctlesion.engine.checkpoint import save_checkpoint
+    from ctlesion.engine.export import verification_slice, verify_onnx
+
+    cfg = default_model_config("maskrcnn-r18-s2")
+    cfg.detector.box_score_thresh, cfg.detector.box_nms_thresh, cfg.detector.box_detections_per_img = 0.0, 1.0, 12
+    cfg.detector.mask_paste = mask_paste
+    torch.manual_seed(0)
+    model = create_model(cfg).eval()
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, ExperimentConfig(model=cfg), epoch=0, step=0)
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(ckpt), "--format", "onnx", "--out", str(out), "--size", "64"]) == 0
+    assert "ok" in capsys.readouterr().out
+    # Another slice size than the trace's (dynamic height/width), checked here directly.
+    check = verify_onnx(model, out, verification_slice(80, seed=5))
+    assert check["ok"], check
+    assert check["detections"] == check["onnx_detections"] == 12
+    assert check["max_abs_diff"]["scores"] <= 1e-4
+
+
+def test_export_without_a_mask_branch_is_a_clear_error(tmp_path):
+    pytest.importorskip("onnx", reason="the onnx extra is not installed")
+    from ctlesion.engine.export import export_model_onnx
+    from ctlesion.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no Mask R-CNN segmentation branch"):
+        export_model_onnx(create_model("ctm-r18-s3"), tmp_path / "x.onnx", size=64)

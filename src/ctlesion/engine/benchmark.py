@@ -42,6 +42,7 @@ from ..config import ExperimentConfig, ModelConfig
 from ..data.masks import get_mask_type
 from ..errors import ConfigError
 from ..models.backbones import ARCHS
+from ..models.inference import inference_precision
 from ..models.maskrcnn import set_detection_settings
 from ..registry import create_model, default_model_config, get_entry
 from .evaluate import compact_prediction, detect_batch
@@ -53,7 +54,6 @@ __all__ = ["DEFAULT_MODELS", "stock_reference", "force_detections", "run_benchma
 
 DEFAULT_MODELS = ("maskrcnn-r18-s2", "ssm-detector-r18-s3", "ssm-r18-s3", "ssm-2branch-r18-s3", "ctm-r50-fpn",
                   "affinity-r18", "lstm2-r18")
-PRECISIONS = ("fp32", "bf16")
 
 
 def machine_info(device: torch.device) -> dict:
@@ -135,11 +135,7 @@ def force_detections(model: nn.Module, detections: int) -> None:
 
 def precision_context(device: torch.device, precision: str):
     """``fp32``: nothing; ``bf16``: autocast to bfloat16 on ``device`` (opt-in)."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {PRECISIONS}, not {precision!r}")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return inference_precision(device, precision)
 
 
 def _ctlesion_call(model: nn.Module, task: str) -> Callable[[list[torch.Tensor]], object]:
@@ -157,15 +153,18 @@ def _ctlesion_call(model: nn.Module, task: str) -> Callable[[list[torch.Tensor]]
 
 
 @contextlib.contextmanager
-def _inference_modes(model: nn.Module, task: str):
+def _inference_modes(model: nn.Module, task: str, memory_format: bool = False):
+    from ..models.inference import channels_last
     from ..models.rcnn_parts import binary_masks
 
+    layout = channels_last(model) if memory_format else contextlib.nullcontext()
     if task == "segmentation":
-        yield
+        with layout:
+            yield
         return
     model.padding_generator = torch.Generator().manual_seed(0)
     try:
-        with model.inference("eval"), binary_masks(model, 0.5):
+        with model.inference("eval"), binary_masks(model, 0.5), layout:
             yield
     finally:
         model.padding_generator = None
@@ -202,11 +201,13 @@ class _Entry:
 
 def run_benchmark(models=DEFAULT_MODELS, *, device: str | torch.device = "cpu", threads: int | None = None,
                   batch: int = 1, detections: int = 128, repeats: int = 5, warmup: int = 1, size: int = 512,
-                  precision: str = "fp32", progress: bool = True, seed: int = 0) -> dict:
+                  precision: str = "fp32", channels_last: bool = False, progress: bool = True,
+                  seed: int = 0) -> dict:
     """Time every model and its stock reference, interleaved; returns the JSON-ready result.
 
     ``detections`` 0 keeps every model's own thresholds (random weights: arbitrary counts).
-    ``precision`` applies to the ctlesion models only; stock runs in float32.
+    ``precision`` and ``channels_last`` (opt-in) apply to the ctlesion models only; stock
+    runs in float32, contiguous.
     """
     device = torch.device(device)
     if threads:
@@ -237,7 +238,7 @@ def run_benchmark(models=DEFAULT_MODELS, *, device: str | torch.device = "cpu", 
         for round_ in range(warmup + repeats):
             timed_stock = set()
             for e in entries:
-                with _inference_modes(e.model, e.task), precision_context(device, precision):
+                with _inference_modes(e.model, e.task, channels_last), precision_context(device, precision):
                     t = _time(lambda: e.call(images), device)
                 if round_ >= warmup:
                     times[e.name].append(t)
@@ -249,7 +250,7 @@ def run_benchmark(models=DEFAULT_MODELS, *, device: str | torch.device = "cpu", 
                 log(f"round {round_ + 1}/{warmup + repeats} {e.name}: {1000 * t / batch:.0f} ms/slice"
                     + ("" if round_ >= warmup else " (warm-up)"), flush=True)
             if round_ == 0:
-                counts = _detection_counts(entries, stocks, images, device, precision)
+                counts = _detection_counts(entries, stocks, images, device, precision, channels_last)
     rows = []
     for e in entries:
         paired = [a / b for a, b in zip(times[e.name], stock_times[e.stock])]
@@ -261,14 +262,15 @@ def run_benchmark(models=DEFAULT_MODELS, *, device: str | torch.device = "cpu", 
     info["loadavg_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return {"machine": info, "settings": {"batch": batch, "detections": detections, "repeats": repeats,
                                           "warmup": warmup, "size": size, "precision": precision,
+                                          "channels_last": channels_last,
                                           "models": list(models)}, "rows": rows}
 
 
-def _detection_counts(entries, stocks, images, device, precision) -> dict[str, int]:
+def _detection_counts(entries, stocks, images, device, precision, memory_format) -> dict[str, int]:
     """Detections of the first image, to show the forced count held."""
     counts = {}
     for e in entries:
-        with _inference_modes(e.model, e.task), precision_context(device, precision):
+        with _inference_modes(e.model, e.task, memory_format), precision_context(device, precision):
             out = e.call(images)[0]
         det = out if e.task == "segmentation" else out[2]
         counts[e.name] = None if det is None else int(len(det["scores"]))
@@ -283,7 +285,7 @@ def format_table(result: dict) -> str:
     lines = [f"torch {m['torch']}, torchvision {m['torchvision']}, {m['cpu']}, {m['threads']} threads, "
              f"device {m['device']}, load {m['loadavg']} -> {m.get('loadavg_after')}",
              f"{s['size']}x{s['size']}, batch {s['batch']}, detections {s['detections'] or 'as configured'}, "
-             f"{s['precision']}, {s['repeats']} repeats after {s['warmup']} warm-up",
+             f"{s['precision']}{', channels-last' if s.get('channels_last') else ''}, {s['repeats']} repeats after {s['warmup']} warm-up",
              f"{'model':<22} {'median':>8} {'min':>8} {'max':>8} {'sl/s':>7} {'stock med':>9} {'ratio':>6}  "
              f"dets  stock reference"]
     for r in result["rows"]:
@@ -348,7 +350,7 @@ def _benchmark_checkpoint(name: str, folder: Path, detections: int) -> Path:
 def volume_benchmark(model_name: str = "ssm-2branch-r18-s3", *, series: str | Path | None = None,
                      num_slices: int = 30, size: int = 512, detections: int = 128, device: str = "cpu",
                      threads: int | None = None, repeats: int = 1, precision: str = "fp32",
-                     work_dir: str | Path | None = None, progress: bool = True) -> dict:
+                     channels_last: bool = False, work_dir: str | Path | None = None, progress: bool = True) -> dict:
     """``predict`` end to end on a DICOM series (written here unless ``series`` is given):
     seconds per volume and slices/s, against the stock reference's detection-only time over
     the same slices held in memory (interleaved: predict, stock, predict, ...)."""
@@ -374,11 +376,11 @@ def volume_benchmark(model_name: str = "ssm-2branch-r18-s3", *, series: str | Pa
             force_detections(stock, detections)
         predict_s, stock_s = [], []
         for r in range(repeats):
-            with precision_context(dev, precision):
-                t = time.perf_counter()
-                summary = predict_checkpoint(checkpoint, [series], tmp / f"out{r}", overlays="none",
-                                             volume_outputs=None, device=str(dev), progress=False)
-                predict_s.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            summary = predict_checkpoint(checkpoint, [series], tmp / f"out{r}", overlays="none",
+                                         volume_outputs=None, device=str(dev), progress=False, precision=precision,
+                                         channels_last=channels_last)
+            predict_s.append(time.perf_counter() - t)
             with torch.inference_mode():
                 total = 0.0
                 for image in slices:
@@ -393,8 +395,8 @@ def volume_benchmark(model_name: str = "ssm-2branch-r18-s3", *, series: str | Pa
     p, s = statistics.median(predict_s), statistics.median(stock_s)
     info["loadavg_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return {"machine": info, "settings": {"model": model_name, "slices": n, "size": size, "detections": detections,
-                                          "precision": precision, "repeats": repeats,
-                                          "series": "synthetic" if series is None or str(series).startswith(str(tmp))
+                                          "precision": precision, "channels_last": channels_last,
+                                          "repeats": repeats, "series": "synthetic" if series is None or str(series).startswith(str(tmp))
                                           else str(series)},
             "predict_s": round(p, 2), "predict_runs_s": [round(v, 2) for v in predict_s],
             "predict_slices_per_s": round(n / p, 3), "stock": stock_name, "stock_detection_only_s": round(s, 2),

@@ -261,9 +261,8 @@ def logit_mask_scores(pasted_logits: Tensor, threshold: float) -> Tensor:
     (float32 sigmoid rounds to 0.5 for tiny positive arguments)."""
     above = pasted_logits > threshold
     scores = torch.sigmoid(pasted_logits - threshold)
-    half = torch.tensor(0.5, dtype=scores.dtype, device=scores.device)
-    just_above = torch.nextafter(half, torch.ones_like(half))
-    return torch.where(above, scores.clamp_min(just_above), scores.clamp_max(half))
+    # float32 nextafter(0.5, 1) = 0.5 + 2**-24, a constant (ONNX has no nextafter).
+    return torch.where(above, scores.clamp_min(0.5 + 2.0 ** -24), scores.clamp_max(0.5))
 
 
 def paste_masks_binary(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float, *,
