@@ -183,3 +183,36 @@ def test_export_without_a_mask_branch_is_a_clear_error(tmp_path):
 
     with pytest.raises(ConfigError, match="no Mask R-CNN segmentation branch"):
         export_model_onnx(create_model("ctm-r18-s3"), tmp_path / "x.onnx", size=64)
+
+
+def test_stock_reference_is_built_from_stock_classes_only():
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.roi_heads import RoIHeads
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    from ctlesion.engine.benchmark import stock_reference
+
+    name, stock = stock_reference(default_model_config("ssm-2branch-r18-s3"))
+    assert type(stock) is MaskRCNN and "r18t3" in name
+    assert type(stock.roi_heads) is RoIHeads and type(stock.rpn) is RegionProposalNetwork
+    assert type(stock.transform) is GeneralizedRCNNTransform
+    assert stock.roi_heads.box_head.fc6.out_features == 128          # the model's shape
+    assert stock.rpn.anchor_generator.num_anchors_per_location() == [30, 30]
+
+
+def test_benchmark_cli_writes_the_table_and_json_with_forced_detections(tmp_path, capsys):
+    import json
+
+    from ctlesion.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["benchmark", "--models", "ssm-detector-r18-s3", "--size", "64", "--detections", "8",
+                 "--repeats", "1", "--warmup", "0", "--threads", "2", "--json", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "ssm-detector-r18-s3" in text and "stock r18t3" in text
+    result = json.loads(out.read_text())
+    row = result["rows"][0]
+    assert row["detections"] == row["stock_detections"] == 8
+    assert row["ratio"] > 0 and row["ctlesion"]["runs"] == 1
+    assert result["machine"]["torch"] == torch.__version__ and result["settings"]["detections"] == 8
