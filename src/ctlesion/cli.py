@@ -339,8 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
         p.add_argument("--score-thresh", type=float, default=None, help="detection confidence threshold")
         p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                       help="fp32 (default) or bf16 autocast (opt-in, faster; outputs change slightly, "
-                            "see docs/benchmarks.md)")
+                       help="fp32 (default) or bf16 autocast (experimental: faster, but re-ranks low-score "
+                            "detections; see docs/benchmarks.md)")
         p.add_argument("--channels-last", action="store_true",
                        help="channels-last weights (opt-in, faster convolutions; last-bit rounding changes)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")

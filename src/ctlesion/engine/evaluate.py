@@ -25,7 +25,8 @@ def compact_prediction(pred: dict[str, torch.Tensor], mask_thresh: float) -> dic
     Holding ``[K, H, W]`` booleans instead of ``[K, 1, H, W]`` floats cuts memory 32x, so a
     whole test set's predictions fit in RAM for the metrics.
     """
-    out = {k: v.detach().cpu() for k, v in pred.items() if k != "masks"}
+    # Reduced-precision runs (bf16 autocast) may leave scores in bfloat16: float32 for every consumer.
+    out = {k: (v.float() if v.is_floating_point() else v).detach().cpu() for k, v in pred.items() if k != "masks"}
     masks = pred["masks"][:, 0]
     out["masks"] = (masks if masks.dtype == torch.bool else masks > mask_thresh).cpu()
     return out

@@ -74,7 +74,9 @@ def classify_batch(model, images: list[torch.Tensor], with_detections: bool = Fa
     probs = torch.softmax(out.logits.float(), dim=1).cpu()
     results = []
     for i in range(len(images)):
-        rois = None if out.rois is None else {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in out.rois[i].items()}
+        rois = None if out.rois is None else {
+            k: ((v.float() if v.is_floating_point() else v).cpu() if torch.is_tensor(v) else v)
+            for k, v in out.rois[i].items()}
         results.append((probs[i], rois, None if out.detections is None else out.detections[i]))
     return results
 
