@@ -216,3 +216,11 @@ def test_benchmark_cli_writes_the_table_and_json_with_forced_detections(tmp_path
     assert row["detections"] == row["stock_detections"] == 8
     assert row["ratio"] > 0 and row["ctlesion"]["runs"] == 1
     assert result["machine"]["torch"] == torch.__version__ and result["settings"]["detections"] == 8
+
+
+def test_compact_prediction_gives_float32_scores_after_bf16():
+    pred = {"boxes": torch.zeros((2, 4), dtype=torch.bfloat16), "scores": torch.tensor([0.5, 0.25], dtype=torch.bfloat16),
+            "labels": torch.tensor([1, 2]), "masks": torch.zeros((2, 1, 4, 4), dtype=torch.bool)}
+    out = compact_prediction(pred, 0.5)
+    assert out["scores"].dtype == out["boxes"].dtype == torch.float32 and out["labels"].dtype == torch.int64
+    assert out["scores"].tolist() == [0.5, 0.25] and out["masks"].shape == (2, 4, 4)
