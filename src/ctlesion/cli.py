@@ -1,4 +1,4 @@
-"""``ctlesion`` command line: models, train, evaluate, predict, verify-data, demo, compare.
+"""``ctlesion`` command line: models, train, evaluate, predict, verify-data, demo, compare, benchmark, export.
 
 ``train`` / ``evaluate`` / ``predict`` serve every model: detectors (segmentation), slice
 classifiers (CTM, CNNs) and joint models (SSM, mask-feature models); the checkpoint's
@@ -151,7 +151,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         _checkpoint_arg(args), args.data, args.out, seg_data=args.seg_data, split=args.split, min_area=args.min_area,
         size=args.size, window=args.window, score_thresh=args.score_thresh, nms_thresh=args.nms_thresh,
         max_detections=args.max_detections, f1_weights=_f1_weights(args.f1_weights), overlays=args.overlays,
-        device=args.device, progress=not args.quiet)
+        device=args.device, progress=not args.quiet, precision=args.precision,
+        channels_last=args.channels_last)
     (_print_segmentation if metrics["task"] == "segmentation" else _print_classification)(metrics, Path(args.out))
     return 0
 
@@ -185,7 +186,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         _checkpoint_arg(args), args.inputs, args.out, window=args.window, size=args.size, score_thresh=args.score_thresh,
         overlays=args.overlays, volume_outputs=_volume_outputs(args), aggregate=args.aggregate,
         min_abnormal_fraction=args.min_abnormal_fraction, device=args.device, progress=not args.quiet,
-        skip_existing=args.skip_existing, batch_size=args.batch_size)
+        skip_existing=args.skip_existing, batch_size=args.batch_size, precision=args.precision,
+        channels_last=args.channels_last)
     if summary.skipped:
         print(f"skipped {len(summary.skipped)} volumes already done (--skip-existing): "
               f"{', '.join(summary.skipped[:5])}{' ...' if len(summary.skipped) > 5 else ''}")
@@ -254,6 +256,91 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from .engine import benchmark as bench
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else list(bench.DEFAULT_MODELS)
+    result = {}
+    if not args.volume_only:
+        result = bench.run_benchmark(models, device=args.device, threads=args.threads, batch=args.batch,
+                                     detections=args.detections, repeats=args.repeats, warmup=args.warmup,
+                                     size=args.size, precision=args.precision, channels_last=args.channels_last,
+                                     progress=not args.quiet)
+        print(bench.format_table(result))
+    if args.volume is not None or args.volume_only:
+        series = None if args.volume in (None, "synthetic") else args.volume
+        volume = bench.volume_benchmark(args.volume_model, series=series, num_slices=args.volume_slices,
+                                        size=args.size, detections=args.detections, device=args.device,
+                                        threads=args.threads, repeats=args.volume_repeats, precision=args.precision,
+                                        channels_last=args.channels_last,
+                                        progress=not args.quiet)
+        print(bench.format_volume(volume))
+        result["volume"] = volume
+    if args.json:
+        bench.save_result(args.json, result)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _add_benchmark_parser(sub) -> None:
+    p = sub.add_parser("benchmark", help="inference time per slice (and per DICOM volume) against stock "
+                                         "torchvision, interleaved in one process; table + JSON")
+    p.add_argument("--models", default=None,
+                   help="comma-separated registry names (default: maskrcnn-r18-s2, ssm-detector-r18-s3, ssm-r18-s3, "
+                        "ssm-2branch-r18-s3, ctm-r50-fpn, affinity-r18, lstm2-r18)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--batch", type=int, default=1, help="slices per forward (default 1)")
+    p.add_argument("--detections", type=int, default=128,
+                   help="force N masked detections per slice (score threshold 0, NMS IoU 1.0, cap N; "
+                        "the worst case; default 128); 0: the models' own thresholds")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds after the warm-up (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up rounds (default 1)")
+    p.add_argument("--size", type=int, default=512, help="slice size (default 512)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="ctlesion models' precision (bf16: autocast, opt-in); stock runs in float32")
+    p.add_argument("--channels-last", action="store_true", help="ctlesion models with channels-last weights (opt-in)")
+    p.add_argument("--volume", nargs="?", const="synthetic", default=None, metavar="SERIES",
+                   help="also time `predict` end to end on a DICOM series (default: a synthetic one written here)")
+    p.add_argument("--volume-only", action="store_true", help="only the volume benchmark")
+    p.add_argument("--volume-model", default="ssm-2branch-r18-s3", help="model of the volume benchmark")
+    p.add_argument("--volume-slices", type=int, default=30, help="slices of the synthetic series (default 30)")
+    p.add_argument("--volume-repeats", type=int, default=1, help="volume runs, each followed by stock's (default 1)")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    p.add_argument("--quiet", action="store_true", help="no per-round lines")
+    p.set_defaults(func=_cmd_benchmark)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .engine.export import export_onnx
+
+    result = export_onnx(args.checkpoint, args.out, size=args.size, opset=args.opset, verify=not args.no_verify)
+    print(f"{result['model']}: wrote {result['onnx']} (opset {result['opset']}, input image [1, H, W] in [0, 1]; "
+          f"outputs boxes, labels, scores, masks)")
+    if "note" in result:
+        print(f"note: {result['note']}")
+    check = result.get("verify")
+    if check is None:
+        return 0
+    diffs = ", ".join(f"{k} {v:.2g}" for k, v in check["max_abs_diff"].items())
+    print(f"verified with onnxruntime on a {result['size']}x{result['size']} slice: {check['onnx_detections']} vs "
+          f"{check['detections']} detections, max |diff| {diffs} (tolerance "
+          + ", ".join(f"{k} {v:g}" for k, v in check["tolerance"].items()) + f"): {'ok' if check['ok'] else 'FAILED'}")
+    return 0 if check["ok"] else 1
+
+
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="export a checkpoint's detector to ONNX, verified against PyTorch "
+                                      "with onnxruntime (needs the onnx extra)")
+    p.add_argument("checkpoint", help="checkpoint folder")
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="export format (onnx)")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--size", type=int, default=None, help="slice size of the trace and the check (default: as trained)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
+    p.set_defaults(func=_cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctlesion",
@@ -288,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--size", type=int, default=None, help="resize slices to SIZE x SIZE (default: as trained)")
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
         p.add_argument("--score-thresh", type=float, default=None, help="detection confidence threshold")
+        p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                       help="fp32 (default) or bf16 autocast (experimental: faster, but re-ranks low-score "
+                            "detections; see docs/benchmarks.md)")
+        p.add_argument("--channels-last", action="store_true",
+                       help="channels-last weights (opt-in, faster convolutions; last-bit rounding changes)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     def model_options(p: argparse.ArgumentParser) -> None:
@@ -383,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a much shorter run, for smoke tests")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_compare)
+
+    _add_benchmark_parser(sub)
+    _add_export_parser(sub)
     return parser
 
 

@@ -180,7 +180,7 @@ def _ours(rec: dict[str, torch.Tensor], out: dict[str, Any], author: dict[str, n
     ours = {k: v for k, v in rec.items() if not isinstance(v, list)}
     ours.pop("ordered_boxes", None)
     box_pool, mask_pool = rec.get("box_pool", []), rec.get("mask_pool", [])
-    if len(box_pool) == 2:       # classification branch first, then the detections' box head
+    if box_pool and "logits" in out:   # one pooling of the proposals, shared by both branches
         ours["cls_box_pool_mean"] = box_pool[0].double().mean((1, 2, 3)).float()
         ours["cls_box_pool_std"] = box_pool[0].double().std((1, 2, 3), correction=0).float()
     if len(mask_pool) == 2 and "seg_mask_head" in rec:

@@ -14,6 +14,7 @@ The rules of what evaluation inherits from training live here, once:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from ..config import DataConfig, EvalConfig, ExperimentConfig
 from ..data.datasets import VolumeDataset
 from ..data.factory import build_dataset, parse_data_spec
 from ..errors import ConfigError
+from ..models.inference import channels_last as channels_last_weights
+from ..models.inference import inference_precision
 from ..viz import save_overlay
 from .builtin_weights import resolve_checkpoint
 from .checkpoint import load_checkpoint
@@ -74,6 +77,7 @@ def evaluate_checkpoint(
     min_area: int | None = None, size: int | None = None, window: str | None = None,
     score_thresh: float | None = None, nms_thresh: float | None = None, max_detections: int | None = None,
     f1_weights=None, overlays: int = 8, device: str = "auto", progress: bool = True, title: str | None = None,
+    precision: str = "fp32", channels_last: bool = False,
 ) -> dict:
     """Score ``checkpoint`` on ``data`` (a ``--data`` string, or a :class:`DataConfig` used as
     it is) and write the outputs to ``out``.
@@ -82,14 +86,42 @@ def evaluate_checkpoint(
     images (``overlay_files`` in the result). Classifiers: ``metrics.json``,
     ``confusion_matrix.png``, ``predictions.jsonl``; joint models also score their
     segmentation branch on ``seg_data``; ``title`` heads the confusion matrix (``{n}``: the
-    slice count). Returns the metrics (with ``task``). ``checkpoint`` is a folder or a
-    built-in model name (verified against its SHA-256).
+    slice count). ``precision``: ``fp32`` or opt-in ``bf16`` autocast; ``channels_last``:
+    opt-in channels-last weights (faster convolutions, last-bit rounding changes). Returns
+    the metrics (with ``task``). ``checkpoint`` is a folder or a built-in model name
+    (verified against its SHA-256).
     """
+    dev = resolve_device(device)
+    with inference_precision(dev, precision):
+        metrics = _evaluate_checkpoint(checkpoint, data, out, seg_data=seg_data, split=split, min_area=min_area,
+                                       size=size, window=window, score_thresh=score_thresh, nms_thresh=nms_thresh,
+                                       max_detections=max_detections, f1_weights=f1_weights, overlays=overlays,
+                                       dev=dev, progress=progress, title=title, channels_last=channels_last)
+    if precision != "fp32" or channels_last:
+        metrics["speed_options"] = {"precision": precision, "channels_last": channels_last}
+    return metrics
+
+
+def _evaluate_checkpoint(checkpoint, data, out, *, seg_data, split, min_area, size, window, score_thresh,
+                         nms_thresh, max_detections, f1_weights, overlays, dev, progress, title,
+                         channels_last=False) -> dict:
     model, cfg, meta = load_checkpoint(resolve_checkpoint(checkpoint))
+    with _layout(model, channels_last):
+        return _evaluate_model(model, cfg, meta, checkpoint, data, out, seg_data=seg_data, split=split,
+                               min_area=min_area, size=size, window=window, score_thresh=score_thresh,
+                               nms_thresh=nms_thresh, max_detections=max_detections, f1_weights=f1_weights,
+                               overlays=overlays, dev=dev, progress=progress, title=title)
+
+
+def _layout(model, channels_last: bool):
+    return channels_last_weights(model) if channels_last else contextlib.nullcontext()
+
+
+def _evaluate_model(model, cfg, meta, checkpoint, data, out, *, seg_data, split, min_area, size, window,
+                    score_thresh, nms_thresh, max_detections, f1_weights, overlays, dev, progress, title) -> dict:
     task = meta.get("task", "segmentation")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device)
     seg_eval = _eval_settings(cfg, score_thresh=score_thresh, nms_thresh=nms_thresh,
                               detections_per_img=max_detections)
     data_cfg = evaluation_data(data, cfg.data, min_area=min_area, size=size, window=window, split=split)
@@ -144,7 +176,8 @@ def predict_checkpoint(
     checkpoint: str | Path, inputs: list[str | Path], out: str | Path, *, window: str | None = None,
     size: int | None = None, score_thresh: float | None = None, overlays: str = "all", volume_outputs=None,
     aggregate: str = "abnormal_fraction", min_abnormal_fraction: float = 0.1, device: str = "auto",
-    progress: bool = True, skip_existing: bool = False, batch_size: int = 1,
+    progress: bool = True, skip_existing: bool = False, batch_size: int = 1, precision: str = "fp32",
+    channels_last: bool = False,
 ):
     """Run ``checkpoint`` on PNG/JPG slices, DICOM files or series and NIfTI volumes; outputs
     in ``out`` (see ``ctlesion predict``). The window is the inputs' own (``auto``) unless
@@ -156,9 +189,20 @@ def predict_checkpoint(
     Returns the summary
     (:class:`~ctlesion.engine.predict.PredictSummary` for detectors,
     :class:`~ctlesion.engine.predict_classifier.ClassifyPredictSummary` for classifiers).
-    ``checkpoint`` is a folder or a built-in model name (verified against its SHA-256)."""
+    ``precision``: ``fp32`` or opt-in ``bf16`` autocast; ``channels_last``: opt-in
+    channels-last weights (see :func:`evaluate_checkpoint`). ``checkpoint`` is a folder or a
+    built-in model name (verified against its SHA-256)."""
     checkpoint = resolve_checkpoint(checkpoint)
     model, cfg, meta = load_checkpoint(checkpoint)
+    with inference_precision(resolve_device(device), precision), _layout(model, channels_last):
+        return _predict_model(model, cfg, meta, checkpoint, inputs, out, window=window, size=size,
+                              score_thresh=score_thresh, overlays=overlays, volume_outputs=volume_outputs,
+                              aggregate=aggregate, min_abnormal_fraction=min_abnormal_fraction, device=device,
+                              progress=progress, skip_existing=skip_existing, batch_size=batch_size)
+
+
+def _predict_model(model, cfg, meta, checkpoint, inputs, out, *, window, size, score_thresh, overlays,
+                   volume_outputs, aggregate, min_abnormal_fraction, device, progress, skip_existing, batch_size):
     dataset = VolumeDataset(inputs, window=window or "auto", mask_type=cfg.model.detector.mask_type,
                             size=size if size is not None else cfg.data.size)
     dev = resolve_device(device)

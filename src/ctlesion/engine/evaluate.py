@@ -15,8 +15,9 @@ from ..errors import DataError
 from ..metrics import coco_map, legacy_map
 from ..metrics.pixel import pixel_metrics
 from ..models.maskrcnn import set_detection_settings
+from ..models.rcnn_parts import binary_masks
 
-__all__ = ["run_detector", "compact_prediction", "evaluate_segmentation"]
+__all__ = ["run_detector", "detect_batch", "compact_prediction", "evaluate_segmentation"]
 
 
 def compact_prediction(pred: dict[str, torch.Tensor], mask_thresh: float) -> dict[str, torch.Tensor]:
@@ -25,8 +26,10 @@ def compact_prediction(pred: dict[str, torch.Tensor], mask_thresh: float) -> dic
     Holding ``[K, H, W]`` booleans instead of ``[K, 1, H, W]`` floats cuts memory 32x, so a
     whole test set's predictions fit in RAM for the metrics.
     """
-    out = {k: v.detach().cpu() for k, v in pred.items() if k != "masks"}
-    out["masks"] = (pred["masks"][:, 0] > mask_thresh).cpu()
+    # Reduced-precision runs (bf16 autocast) may leave scores in bfloat16: float32 for every consumer.
+    out = {k: (v.float() if v.is_floating_point() else v).detach().cpu() for k, v in pred.items() if k != "masks"}
+    masks = pred["masks"][:, 0]
+    out["masks"] = (masks if masks.dtype == torch.bool else masks > mask_thresh).cpu()
     return out
 
 
@@ -35,13 +38,21 @@ def run_detector(
     model: torch.nn.Module, samples: Iterable[list[Sample]], device: torch.device,
     mask_thresh: float = 0.5, progress: bool = True, total: int | None = None,
 ):
-    """Yield ``(sample, compact prediction)`` for every sample of every batch."""
+    """Yield ``(sample, compact prediction)`` for every sample of every batch.
+
+    The fast path (``docs/benchmarks.md``), with the stock outputs: masks are pasted
+    straight into boolean frames (:func:`~ctlesion.models.rcnn_parts.binary_masks`)."""
     model.eval().to(device)
     for batch in tqdm(samples, disable=not progress, total=total, desc="predict", unit="batch",
                       dynamic_ncols=True):
-        outputs = model([s.image.to(device) for s in batch])
-        for sample, pred in zip(batch, outputs):
-            yield sample, compact_prediction(pred, mask_thresh)
+        yield from zip(batch, detect_batch(model, [s.image.to(device) for s in batch], mask_thresh))
+
+
+def detect_batch(model: torch.nn.Module, images: list[torch.Tensor], mask_thresh: float = 0.5) -> list[dict]:
+    """One forward of an eval-mode detector: compact predictions (CPU, boolean masks)."""
+    with binary_masks(model, mask_thresh):
+        outputs = model(images)
+    return [compact_prediction(pred, mask_thresh) for pred in outputs]
 
 
 def evaluate_segmentation(

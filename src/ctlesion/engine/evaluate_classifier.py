@@ -13,11 +13,12 @@ from ..config import EvalConfig
 from ..data.sample import Sample, collate_samples
 from ..errors import DataError
 from ..metrics import classification_report
+from ..models.rcnn_parts import binary_masks
 from ..viz import plot_confusion_matrix
 from .io import atomic_write_text, write_json
 from .labels import check_dataset_classes, slice_labels
 
-__all__ = ["run_classifier", "evaluate_classifier", "slice_record", "write_classification_outputs"]
+__all__ = ["run_classifier", "classify_batch", "evaluate_classifier", "slice_record", "write_classification_outputs"]
 
 
 def slice_record(sample: Sample, probabilities: torch.Tensor, class_names, rois: dict | None = None) -> dict:
@@ -41,32 +42,43 @@ def slice_record(sample: Sample, probabilities: torch.Tensor, class_names, rois:
     return record
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def run_classifier(
     model, batches: Iterable[list[Sample]], device: torch.device, *, cls_bn: str = "eval", seed: int = 0,
-    with_detections: bool = False, progress: bool = True, total: int | None = None,
+    with_detections: bool = False, progress: bool = True, total: int | None = None, mask_thresh: float = 0.5,
 ):
     """Yield ``(sample, probabilities [C], rois, detection)`` for every sample.
 
     Probabilities are the softmax of the logits (the papers predict the argmax, which is
     the same under softmax). The RoI-batch padding is seeded by ``seed`` (spec §10 #29),
-    and the model's modes are restored afterwards.
+    and the model's modes are restored afterwards. Detection masks are boolean
+    (the stock pasted masks ``> mask_thresh``, :func:`~ctlesion.models.rcnn_parts.binary_masks`).
     """
     model.to(device)
     model.padding_generator = torch.Generator().manual_seed(seed)
     try:
-        with model.inference(cls_bn):
+        with model.inference(cls_bn), binary_masks(model, mask_thresh):
             for batch in tqdm(batches, disable=not progress, total=total, desc="classify", unit="batch",
                               dynamic_ncols=True):
-                out = model([s.image.to(device) for s in batch], with_detections=with_detections)
-                probs = torch.softmax(out.logits.float(), dim=1).cpu()
-                for i, sample in enumerate(batch):
-                    rois = None if out.rois is None else {k: (v.cpu() if torch.is_tensor(v) else v)
-                                                          for k, v in out.rois[i].items()}
-                    det = None if out.detections is None else out.detections[i]
-                    yield sample, probs[i], rois, det
+                images = [s.image.to(device) for s in batch]
+                for sample, result in zip(batch, classify_batch(model, images, with_detections)):
+                    yield (sample, *result)
     finally:
         model.padding_generator = None
+
+
+def classify_batch(model, images: list[torch.Tensor], with_detections: bool = False) -> list[tuple]:
+    """One forward of a classifier in its inference modes: per image ``(probabilities [C],
+    rois, detection)`` (on the CPU except the detection)."""
+    out = model(images, with_detections=with_detections)
+    probs = torch.softmax(out.logits.float(), dim=1).cpu()
+    results = []
+    for i in range(len(images)):
+        rois = None if out.rois is None else {
+            k: ((v.float() if v.is_floating_point() else v).cpu() if torch.is_tensor(v) else v)
+            for k, v in out.rois[i].items()}
+        results.append((probs[i], rois, None if out.detections is None else out.detections[i]))
+    return results
 
 
 def evaluate_classifier(

@@ -174,6 +174,11 @@ class RCNNSliceClassifier(SliceClassifier):
     def roi_batches(self, images: list[Tensor]):
         """Backbone, RPN and the branch's box head: per image the :class:`RoIBatch`, plus the
         transformed image list and features (for mask features and detections)."""
+        return self._roi_pass(images)[:5]
+
+    def _roi_pass(self, images: list[Tensor]):
+        """:meth:`roi_batches`, plus the pooled box features and the branch's box outputs
+        (so the detections can reuse them instead of pooling the proposals again)."""
         det = self.detector
         if det.rpn.training:
             raise RuntimeError(
@@ -197,7 +202,7 @@ class RCNNSliceClassifier(SliceClassifier):
                 box_coder=det.roi_heads.box_coder, generator=self.padding_generator,
             ))
             start = stop
-        return batches, image_list, features, proposals, original_sizes
+        return batches, image_list, features, proposals, original_sizes, box_features, (class_logits, box_regression)
 
     def _order(self, batch: RoIBatch) -> RoIBatch:
         if self.roi_order == "confidence":
@@ -208,7 +213,7 @@ class RCNNSliceClassifier(SliceClassifier):
     def forward(self, images: list[Tensor], with_detections: bool = False) -> ClassifierOutput:
         """Classify a batch of slices; ``with_detections`` also runs the segmentation
         branch's stock inference (eval mode only) and returns its detections."""
-        batches, image_list, features, proposals, original_sizes = self.roi_batches(images)
+        batches, image_list, features, proposals, original_sizes, box_features, box_outputs = self._roi_pass(images)
         logits, rois = [], []
         for i, batch in enumerate(batches):
             batch = self._order(batch)
@@ -228,6 +233,17 @@ class RCNNSliceClassifier(SliceClassifier):
             })
         detections = None
         if with_detections and not self.training and self.detector.roi_heads.has_mask():
-            dets, _ = self.detector.roi_heads(features, proposals, image_list.image_sizes)
+            dets = self._detections(features, proposals, image_list.image_sizes, box_features, box_outputs)
             detections = self.detector.transform.postprocess(dets, image_list.image_sizes, original_sizes)
         return ClassifierOutput(logits=torch.stack(logits), detections=detections, rois=rois)
+
+    def _detections(self, features, proposals, image_sizes, pooled: Tensor, box_outputs) -> list[dict]:
+        """The segmentation branch's stock eval detections over the same proposals. The RoI
+        pooling is shared with the classification pass, and with a single branch its box
+        outputs too, so nothing runs twice (same values as ``roi_heads(features, proposals)``)."""
+        heads = self.detector.roi_heads
+        if not hasattr(heads, "detect"):       # a plain torchvision RoIHeads
+            return heads(features, proposals, image_sizes)[0]
+        if self.cls_branch is not None:        # the segmentation branch's own box head
+            box_outputs = heads.box_predictor(heads.box_head(pooled))
+        return heads.detect(features, proposals, image_sizes, *box_outputs)

@@ -19,19 +19,31 @@ The author's code is a 2019 fork of torchvision 0.3. Measured against its forwar
 
 Every module keeps its stock state-dict keys, and with the default settings each method
 defers to torchvision's own.
+
+Inference speed (``docs/benchmarks.md``): :meth:`LesionRoIHeads.detect` runs the detection
+tail from box-head outputs a caller already has (the joint models' classification pass
+pools and scores the same proposals), and :func:`binary_masks` makes
+:class:`LesionTransform` paste masks straight into boolean frames
+(:func:`paste_masks_binary`: the stock values, thresholded box by box, without a float
+``[K, H, W]`` image per detection).
 """
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.models.detection.roi_heads import RoIHeads, paste_masks_in_image
+from torchvision.models.detection.roi_heads import (RoIHeads, expand_boxes, expand_masks, maskrcnn_inference,
+                                                    paste_masks_in_image)
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import boxes as box_ops
 
-__all__ = ["LesionRPN", "LesionRoIHeads", "LesionTransform", "DETECTION_FILTERS", "keep_detections"]
+__all__ = ["LesionRPN", "LesionRoIHeads", "LesionTransform", "DETECTION_FILTERS", "keep_detections",
+           "paste_masks_binary", "binary_masks"]
 
 DETECTION_FILTERS = ("min_side", "positive_area", "none")
 TORCHVISION_RPN_MIN_SIZE = 1e-3
@@ -160,6 +172,27 @@ class LesionRoIHeads(RoIHeads):
             all_labels.append(labels[keep])
         return all_boxes, all_scores, all_labels
 
+    def detect(self, features, proposals, image_shapes, class_logits: Tensor, box_regression: Tensor):
+        """Eval-mode detections from box-head outputs over ``proposals`` the caller already
+        computed (the same ops as :meth:`forward` from the box predictor on): postprocess,
+        then the mask branch on the detections (``masks`` or, for ``logits``, ``mask_logits``)."""
+        boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+        result = [{"boxes": b, "labels": lab, "scores": s} for b, s, lab in zip(boxes, scores, labels)]
+        if not self.has_mask():
+            return result
+        mask_boxes = [r["boxes"] for r in result]
+        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_boxes, image_shapes)))
+        labels = [r["labels"] for r in result]
+        if self.mask_paste == "probabilities":
+            for probs, r in zip(maskrcnn_inference(mask_logits, labels), result):
+                r["masks"] = probs
+            return result
+        flat = torch.cat(labels)
+        picked = mask_logits[torch.arange(len(flat), device=flat.device), flat][:, None]
+        for r, m in zip(result, picked.split([len(b) for b in mask_boxes], 0)):
+            r["mask_logits"] = m
+        return result
+
     def forward(self, features, proposals, image_shapes, targets=None):
         if self.training or self.mask_paste == "probabilities" or not self.has_mask():
             return super().forward(features, proposals, image_shapes, targets)
@@ -194,6 +227,8 @@ class LesionTransform(GeneralizedRCNNTransform):
         super().__init__(*args, **kwargs)
         self.per_image = per_image
         self.mask_logit_threshold = float(mask_logit_threshold)
+        # Set by binary_masks(): eval ``masks`` come out as booleans ``stock masks > this``.
+        self.binary_mask_threshold: float | None = None
 
     def normalize(self, image: Tensor) -> Tensor:
         if not self.per_image:
@@ -204,11 +239,18 @@ class LesionTransform(GeneralizedRCNNTransform):
         return torch.stack([(c - c.mean()) / c.std().clamp_min(1e-6) for c in channels])
 
     def postprocess(self, result, image_shapes, original_image_sizes):
+        binary = None if self.training else self.binary_mask_threshold
+        local = [pred.pop("masks", None) for pred in result] if binary is not None else [None] * len(result)
         result = super().postprocess(result, image_shapes, original_image_sizes)
         if self.training:
             return result
-        for pred, size in zip(result, original_image_sizes):
-            if "mask_logits" in pred:
+        for pred, size, probs in zip(result, original_image_sizes, local):
+            if binary is not None and probs is not None:
+                pred["masks"] = paste_masks_binary(probs, pred["boxes"], size, binary)
+            elif binary is not None and "mask_logits" in pred:
+                pred["masks"] = paste_masks_binary(pred.pop("mask_logits"), pred["boxes"], size, binary,
+                                                   logit_threshold=self.mask_logit_threshold)
+            elif "mask_logits" in pred:
                 pasted = paste_masks_in_image(pred.pop("mask_logits"), pred["boxes"], size)
                 pred["masks"] = logit_mask_scores(pasted, self.mask_logit_threshold)
         return result
@@ -219,6 +261,51 @@ def logit_mask_scores(pasted_logits: Tensor, threshold: float) -> Tensor:
     (float32 sigmoid rounds to 0.5 for tiny positive arguments)."""
     above = pasted_logits > threshold
     scores = torch.sigmoid(pasted_logits - threshold)
-    half = torch.tensor(0.5, dtype=scores.dtype, device=scores.device)
-    just_above = torch.nextafter(half, torch.ones_like(half))
-    return torch.where(above, scores.clamp_min(just_above), scores.clamp_max(half))
+    # float32 nextafter(0.5, 1) = 0.5 + 2**-24, a constant (ONNX has no nextafter).
+    return torch.where(above, scores.clamp_min(0.5 + 2.0 ** -24), scores.clamp_max(0.5))
+
+
+def paste_masks_binary(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float, *,
+                       logit_threshold: float | None = None, padding: int = 1) -> Tensor:
+    """Box-local masks ``[K, 1, M, M]`` pasted into boolean frames ``[K, 1, H, W]``.
+
+    Exactly ``paste_masks_in_image(masks, boxes, image_size) > threshold`` (torchvision's
+    padding, box expansion, integer box and bilinear resize, mask by mask), or with
+    ``logit_threshold`` ``logit_mask_scores(pasted, logit_threshold) > threshold`` (the CTM
+    code's logit pasting), but each mask is compared inside its own box and written as
+    booleans: no float frame per detection, one host sync for all boxes.
+    """
+    height, width = image_size
+    padded, scale = expand_masks(masks, padding=padding)
+    int_boxes = expand_boxes(boxes, scale).to(dtype=torch.int64).tolist()
+    zero = masks.new_zeros(())
+    background = bool((logit_mask_scores(zero, logit_threshold) if logit_threshold is not None else zero) > threshold)
+    out = torch.full((len(masks), height, width), background, dtype=torch.bool, device=masks.device)
+    for mask, (x0b, y0b, x1b, y1b), frame in zip(padded, int_boxes, out):
+        w, h = max(x1b - x0b + 1, 1), max(y1b - y0b + 1, 1)
+        resized = F.interpolate(mask[0].expand((1, 1, -1, -1)), size=(h, w), mode="bilinear", align_corners=False)[0][0]
+        x0, x1, y0, y1 = max(x0b, 0), min(x1b + 1, width), max(y0b, 0), min(y1b + 1, height)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        region = resized[y0 - y0b:y1 - y0b, x0 - x0b:x1 - x0b]
+        if logit_threshold is not None:
+            region = logit_mask_scores(region, logit_threshold)
+        frame[y0:y1, x0:x1] = region > threshold
+    return out[:, None]
+
+
+@contextlib.contextmanager
+def binary_masks(model, threshold: float) -> Iterator[None]:
+    """Within the block, the eval ``masks`` of ``model`` (a Mask R-CNN with a
+    :class:`LesionTransform`, or a model holding one as ``detector``) are boolean
+    ``[K, 1, H, W]``: the stock pasted masks ``> threshold``, pasted box by box
+    (:func:`paste_masks_binary`). Other models are left as they are."""
+    transform = getattr(getattr(model, "detector", model), "transform", None)
+    if not isinstance(transform, LesionTransform):
+        yield
+        return
+    saved, transform.binary_mask_threshold = transform.binary_mask_threshold, float(threshold)
+    try:
+        yield
+    finally:
+        transform.binary_mask_threshold = saved

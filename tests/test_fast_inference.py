@@ -1,0 +1,226 @@
+"""The fast inference path gives the stock outputs (issue 11; speed is in docs/benchmarks.md,
+never timed here): boolean box-by-box mask pasting against torchvision's pasting, the joint
+models' shared RoI pass against a second stock pass, on tiny inputs with forced detections."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+from ctlesion.engine.evaluate import compact_prediction, detect_batch
+from ctlesion.models.maskrcnn import set_detection_settings
+from ctlesion.models.rcnn_parts import binary_masks, logit_mask_scores, paste_masks_binary
+from ctlesion.registry import create_model, default_model_config
+
+
+def _images(n=1, size=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand((1, size, size), generator=g) for _ in range(n)]
+
+
+def _detector(name="maskrcnn-r18-s2", detections=24, **changes):
+    cfg = default_model_config(name)
+    for key, value in changes.items():
+        setattr(cfg.detector, key, value)
+    torch.manual_seed(0)
+    model = create_model(cfg).eval()
+    det = getattr(model, "detector", model)
+    # Forced detections: every candidate passes the score threshold, NMS keeps all (IoU <= 1).
+    set_detection_settings(det, score_thresh=0.0, nms_thresh=1.0, detections_per_img=detections)
+    return model
+
+
+def _mask_iou(a, b):
+    inter = (a & b).flatten(1).sum(1).double()
+    union = (a | b).flatten(1).sum(1).double()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.2, 0.9])
+def test_binary_paste_equals_stock_paste_then_threshold(threshold):
+    g = torch.Generator().manual_seed(1)
+    masks = torch.rand((40, 1, 28, 28), generator=g)
+    xy = torch.rand((40, 2), generator=g) * 70 - 5
+    wh = torch.rand((40, 2), generator=g) * 40
+    boxes = torch.cat([xy, xy + wh], 1).clamp_min(0)                # clipped, as detections are
+    boxes[:, 0::2], boxes[:, 1::2] = boxes[:, 0::2].clamp_max(60), boxes[:, 1::2].clamp_max(64)
+    boxes[0] = torch.tensor([10.0, 10.0, 10.0, 10.0])        # zero-size box
+    boxes[1] = torch.tensor([0.0, 0.0, 60.0, 64.0])          # the whole image
+    stock = paste_masks_in_image(masks, boxes, (64, 60)) > threshold
+    fast = paste_masks_binary(masks, boxes, (64, 60), threshold)
+    assert fast.dtype == torch.bool and fast.shape == stock.shape == (40, 1, 64, 60)
+    assert torch.equal(fast, stock)
+
+
+@pytest.mark.parametrize("logit_threshold", [0.5, 0.0, -0.5])
+def test_binary_paste_of_logits_equals_the_ctm_logit_pasting(logit_threshold):
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn((12, 1, 28, 28), generator=g) * 3
+    boxes = torch.tensor([[4.0, 5.0, 30.0, 20.0], [0.0, 0.0, 47.0, 47.0], [40.0, 40.0, 47.0, 47.0]]).repeat(4, 1)
+    pasted = paste_masks_in_image(logits, boxes, (48, 48))
+    stock = logit_mask_scores(pasted, logit_threshold) > 0.5
+    fast = paste_masks_binary(logits, boxes, (48, 48), 0.5, logit_threshold=logit_threshold)
+    assert torch.equal(fast, stock)
+    if logit_threshold < 0:       # outside every box the pasted logit 0 is above the threshold
+        assert fast[0, 0, 47, 0]
+
+
+def test_binary_paste_of_no_detections():
+    out = paste_masks_binary(torch.zeros((0, 1, 28, 28)), torch.zeros((0, 4)), (32, 32), 0.5)
+    assert out.shape == (0, 1, 32, 32) and out.dtype == torch.bool
+
+
+def _assert_same_detections(fast, stock, mask_thresh=0.5):
+    assert len(fast["scores"]) == len(stock["scores"]) > 0
+    torch.testing.assert_close(fast["boxes"], stock["boxes"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(fast["scores"], stock["scores"], atol=1e-4, rtol=0)
+    assert torch.equal(fast["labels"], stock["labels"])
+    stock_masks = stock["masks"][:, 0] > mask_thresh
+    assert fast["masks"].dtype == torch.bool and fast["masks"].shape == stock_masks.shape
+    assert _mask_iou(fast["masks"], stock_masks).min() >= 0.999
+
+
+@pytest.mark.parametrize("mask_paste", ["probabilities", "logits"])
+def test_detect_batch_gives_the_stock_detections(mask_paste):
+    model = _detector(mask_paste=mask_paste, detection_filter="none" if mask_paste == "logits" else "min_side")
+    images = _images(2, size=80)
+    with torch.inference_mode():
+        stock = model(images)
+        fast = detect_batch(model, images, 0.5)
+    for f, s in zip(fast, stock):
+        _assert_same_detections(f, s)
+    assert model.transform.binary_mask_threshold is None             # restored
+    assert model.backbone.body.conv1.weight.is_contiguous()          # layout restored
+
+
+def test_channels_last_keeps_values_and_restores_the_layout():
+    from ctlesion.models.inference import channels_last
+
+    conv = torch.nn.Conv2d(3, 4, 3)
+    before = conv.weight.detach().clone()
+    with channels_last(conv):
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(conv.weight, before)
+    assert conv.weight.is_contiguous() and torch.equal(conv.weight, before)
+
+
+def test_bf16_is_opt_in_and_checked():
+    from ctlesion.errors import ConfigError
+    from ctlesion.models.inference import inference_precision
+
+    with inference_precision("cpu", "bf16"):
+        assert torch.nn.functional.linear(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
+    with inference_precision("cpu", "fp32"):
+        assert torch.nn.functional.linear(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32
+    with pytest.raises(ConfigError):
+        inference_precision("cpu", "fp16")
+
+
+def test_binary_masks_leaves_other_models_alone():
+    with binary_masks(torch.nn.Linear(2, 2), 0.5):
+        pass
+
+
+@pytest.mark.parametrize("name", ["ssm-r18-s3", "ssm-2branch-r18-s3", "affinity-r18"])
+def test_joint_forward_shares_the_roi_pass_with_the_stock_detections(name):
+    model = _detector(name, detections=32)
+    if model.cls_branch is not None:      # make the two branches differ, as after training
+        with torch.no_grad():
+            for p in model.cls_branch.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+    images = _images(1, size=96, seed=3)
+    model.padding_generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode(), model.inference():
+        out = model(images, with_detections=True)
+        image_list, _ = model.detector.transform(images)
+        features = model.detector.backbone(image_list.tensors)
+        proposals, _ = model.detector.rpn(image_list, features)
+        dets, _ = model.detector.roi_heads(features, proposals, image_list.image_sizes)
+        stock = model.detector.transform.postprocess(dets, image_list.image_sizes, [(96, 96)])
+        model.padding_generator = torch.Generator().manual_seed(0)
+        batches = model.roi_batches(images)[0]
+        with binary_masks(model, 0.5):
+            model.padding_generator = torch.Generator().manual_seed(0)
+            fast = model(images, with_detections=True)
+    for key in ("boxes", "scores", "labels", "masks"):
+        assert torch.equal(out.detections[0][key], stock[0][key]), key     # bitwise: the same ops
+    _assert_same_detections(compact_prediction(fast.detections[0], 0.5), stock[0])
+    assert torch.equal(fast.logits, out.logits)
+    assert torch.equal(batches[0].scores, out.rois[0]["scores"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mask_paste", ["probabilities", "logits"])
+def test_onnx_export_matches_pytorch_with_onnxruntime(tmp_path, mask_paste, capsys):
+    pytest.importorskip("onnx", reason="the onnx extra is not installed")
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    from ctlesion.cli import main
+    from ctlesion.config import ExperimentConfig
+    from ctlesion.engine.checkpoint import save_checkpoint
+    from ctlesion.engine.export import verification_slice, verify_onnx
+
+    cfg = default_model_config("maskrcnn-r18-s2")
+    cfg.detector.box_score_thresh, cfg.detector.box_nms_thresh, cfg.detector.box_detections_per_img = 0.0, 1.0, 12
+    cfg.detector.mask_paste = mask_paste
+    torch.manual_seed(0)
+    model = create_model(cfg).eval()
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, ExperimentConfig(model=cfg), epoch=0, step=0)
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(ckpt), "--format", "onnx", "--out", str(out), "--size", "64"]) == 0
+    assert "ok" in capsys.readouterr().out
+    # Another slice size than the trace's (dynamic height/width), checked here directly.
+    check = verify_onnx(model, out, verification_slice(80, seed=5))
+    assert check["ok"], check
+    assert check["detections"] == check["onnx_detections"] == 12
+    assert check["max_abs_diff"]["scores"] <= 1e-4
+
+
+def test_export_without_a_mask_branch_is_a_clear_error(tmp_path):
+    pytest.importorskip("onnx", reason="the onnx extra is not installed")
+    from ctlesion.engine.export import export_model_onnx
+    from ctlesion.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no Mask R-CNN segmentation branch"):
+        export_model_onnx(create_model("ctm-r18-s3"), tmp_path / "x.onnx", size=64)
+
+
+def test_stock_reference_is_built_from_stock_classes_only():
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.roi_heads import RoIHeads
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    from ctlesion.engine.benchmark import stock_reference
+
+    name, stock = stock_reference(default_model_config("ssm-2branch-r18-s3"))
+    assert type(stock) is MaskRCNN and "r18t3" in name
+    assert type(stock.roi_heads) is RoIHeads and type(stock.rpn) is RegionProposalNetwork
+    assert type(stock.transform) is GeneralizedRCNNTransform
+    assert stock.roi_heads.box_head.fc6.out_features == 128          # the model's shape
+    assert stock.rpn.anchor_generator.num_anchors_per_location() == [30, 30]
+
+
+def test_benchmark_cli_writes_the_table_and_json_with_forced_detections(tmp_path, capsys):
+    import json
+
+    from ctlesion.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["benchmark", "--models", "ssm-detector-r18-s3", "--size", "64", "--detections", "8",
+                 "--repeats", "1", "--warmup", "0", "--threads", "2", "--json", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "ssm-detector-r18-s3" in text and "stock r18t3" in text
+    result = json.loads(out.read_text())
+    row = result["rows"][0]
+    assert row["detections"] == row["stock_detections"] == 8
+    assert row["ratio"] > 0 and row["ctlesion"]["runs"] == 1
+    assert result["machine"]["torch"] == torch.__version__ and result["settings"]["detections"] == 8
+
+
+def test_compact_prediction_gives_float32_scores_after_bf16():
+    pred = {"boxes": torch.zeros((2, 4), dtype=torch.bfloat16), "scores": torch.tensor([0.5, 0.25], dtype=torch.bfloat16),
+            "labels": torch.tensor([1, 2]), "masks": torch.zeros((2, 1, 4, 4), dtype=torch.bool)}
+    out = compact_prediction(pred, 0.5)
+    assert out["scores"].dtype == out["boxes"].dtype == torch.float32 and out["labels"].dtype == torch.int64
+    assert out["scores"].tolist() == [0.5, 0.25] and out["masks"].shape == (2, 4, 4)
