@@ -18,7 +18,7 @@ import torch
 from _helpers import ListDataset, write_ct_series
 
 import ctlesion.engine.checkpoint as checkpoint_module
-from ctlesion.data.sample import Sample, empty_target
+from ctlesion.data.sample import Sample
 from ctlesion.engine.checkpoint import load_checkpoint, load_train_state
 from ctlesion.engine.train import NonFiniteLossError, train
 from ctlesion.experiment import load_experiment
