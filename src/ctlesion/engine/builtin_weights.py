@@ -83,6 +83,9 @@ def read_card_input(path: str | Path) -> dict:
     for name, value in metrics["values"].items():
         if not isinstance(value, dict) or not all(isinstance(value.get(k), (int, float)) for k in ("mean", "std")):
             raise ConfigError(f"{path}: metrics.values.{name} needs a numeric 'mean' and 'std' (the CV spread)")
+        folds = value.get("folds")
+        if folds is not None and (not isinstance(folds, list) or not all(isinstance(v, (int, float)) for v in folds)):
+            raise ConfigError(f"{path}: metrics.values.{name}.folds must be a list of per-fold numbers, not {folds!r}")
     text = json.dumps(card).lower()
     if "semiseg" in text and "non-commercial" not in str(card["licence"]).lower():
         raise ConfigError(f"{path}: the model was trained on COVID-SemiSeg, which is licensed for non-commercial "
