@@ -766,26 +766,25 @@ def read_volume(path: str | Path, reader: ImageReader | None = None, **kw) -> Vo
         ValueError: the format cannot be told or the file cannot be read (named).
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"input not found: {path}")
-    if reader is None:
-        reader = _pick_reader(path, **kw)
-    elif kw:
-        raise DataError(f"{path}: pass options to the reader's constructor, not with reader= ({sorted(kw)})")
-    return reader.read(path)
+    return _reader_for(path, reader, kw).read(path)
 
 
 def open_volume(path: str | Path, reader: ImageReader | None = None, **kw) -> LazyVolume:
     """:func:`read_volume`, lazily: headers and geometry now, each slice when asked for
     (see :class:`LazyVolume`; close it when done)."""
     path = Path(path)
+    return _reader_for(path, reader, kw).open(path)
+
+
+def _reader_for(path: Path, reader: ImageReader | None, kw: dict) -> ImageReader:
+    """The reader for an existing ``path``: ``reader`` as given (without options), else chosen by the path."""
     if not path.exists():
         raise FileNotFoundError(f"input not found: {path}")
     if reader is None:
-        reader = _pick_reader(path, **kw)
-    elif kw:
+        return _pick_reader(path, **kw)
+    if kw:
         raise DataError(f"{path}: pass options to the reader's constructor, not with reader= ({sorted(kw)})")
-    return reader.open(path)
+    return reader
 
 
 # --------------------------------------------------------------------------- samples
