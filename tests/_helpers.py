@@ -52,3 +52,34 @@ class ListDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.samples[i]
+
+
+def square_sample(i: int, size: int = 48, lesion: bool = True, nan: bool = False):
+    """A dim ``size``-px slice with one bright 16x14 lesion whose place depends on ``i``
+    (lesion-free with ``lesion=False``; one NaN pixel with ``nan=True``)."""
+    from ctlesion.data.sample import Sample, empty_target
+
+    gen = torch.Generator().manual_seed(i)
+    image = 0.2 * torch.rand(1, size, size, generator=gen)
+    target = empty_target(size, size)
+    if lesion:
+        x, y = 6 + 3 * (i % 5), 8 + 2 * (i % 7)
+        image[:, y:y + 14, x:x + 16] += 0.6
+        mask = torch.zeros(1, size, size, dtype=torch.uint8)
+        mask[0, y:y + 14, x:x + 16] = 1
+        target = {"boxes": torch.tensor([[x, y, x + 16, y + 14]], dtype=torch.float32),
+                  "labels": torch.tensor([1]), "masks": mask}
+    if nan:
+        image[0, 0, 0] = float("nan")
+    return Sample(image=image, target=target, sample_id=f"sq-{i}", source="synthetic")
+
+
+def small_detector_overrides(size: int) -> list[str]:
+    """``--set`` items for a small, quick ``maskrcnn-r18-s2`` run on ``size``-px slices
+    (batch 2, lr 1e-3, lesion-free slices trained on)."""
+    return [
+        "model.name=maskrcnn-r18-s2", f"model.detector.min_size={size}", f"model.detector.max_size={size}",
+        "model.detector.rpn_pre_nms_top_n_train=200", "model.detector.rpn_post_nms_top_n_train=100",
+        "model.detector.box_batch_size_per_image=32", "train.lr=1e-3", "train.batch_size=2",
+        "train.skip_negatives=false",
+    ]

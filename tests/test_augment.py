@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from _helpers import ListDataset
+from _helpers import ListDataset, small_detector_overrides
 
 from ctlesion.config import AugmentConfig
 from ctlesion.data.augment import AugmentedDataset, augment_seed
@@ -131,11 +131,8 @@ def test_augmentation_is_off_by_default_and_on_from_one_key():
 
 def _cfg(*extra):
     return load_experiment(None, [
-        "model.name=maskrcnn-r18-s2", "model.detector.min_size=64", "model.detector.max_size=64",
-        "model.detector.rpn_pre_nms_top_n_train=200", "model.detector.rpn_post_nms_top_n_train=100",
-        "model.detector.box_batch_size_per_image=32", "data.format=phantom", "data.num_samples=4",
-        "data.phantom_size=64", "data.min_area=4", "data.augment.degrees=5", "train.lr=1e-3",
-        "train.batch_size=2", "train.save_every=1", "train.skip_negatives=false", *extra])
+        *small_detector_overrides(64), "data.format=phantom", "data.num_samples=4", "data.phantom_size=64",
+        "data.min_area=4", "data.augment.degrees=5", "train.save_every=1", *extra])
 
 
 def _losses(folder):

@@ -8,10 +8,9 @@ import json
 import math
 
 import pytest
-import torch
 from PIL import Image
 
-from _helpers import ListDataset
+from _helpers import ListDataset, small_detector_overrides, square_sample
 
 import ctlesion.engine.loop as loop
 from ctlesion.data.sample import Sample
@@ -85,23 +84,11 @@ def test_the_plot_is_a_png_even_without_steps_or_validation(tmp_path):
 
 
 def _square_sample(i: int) -> Sample:
-    gen = torch.Generator().manual_seed(i)
-    image = 0.2 * torch.rand(1, SIZE, SIZE, generator=gen)
-    x, y = 6 + 3 * (i % 5), 8 + 2 * (i % 7)
-    image[:, y:y + 14, x:x + 16] += 0.6
-    mask = torch.zeros(1, SIZE, SIZE, dtype=torch.uint8)
-    mask[0, y:y + 14, x:x + 16] = 1
-    target = {"boxes": torch.tensor([[x, y, x + 16, y + 14]], dtype=torch.float32), "labels": torch.tensor([1]),
-              "masks": mask}
-    return Sample(image=image, target=target, sample_id=f"sq-{i}", source="synthetic")
+    return square_sample(i, SIZE)
 
 
 def _cfg(*extra):
-    return load_experiment(None, [
-        "model.name=maskrcnn-r18-s2", f"model.detector.min_size={SIZE}", f"model.detector.max_size={SIZE}",
-        "model.detector.rpn_pre_nms_top_n_train=200", "model.detector.rpn_post_nms_top_n_train=100",
-        "model.detector.box_batch_size_per_image=32", "train.lr=1e-3", "train.batch_size=2",
-        "train.save_every=5", "train.skip_negatives=false", *extra])
+    return load_experiment(None, [*small_detector_overrides(SIZE), "train.save_every=5", *extra])
 
 
 @pytest.mark.slow

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from _helpers import ListDataset
+from _helpers import ListDataset, small_detector_overrides, square_sample
 
 from ctlesion.experiment import load_experiment
-from ctlesion.data.sample import Sample, empty_target
+from ctlesion.data.sample import Sample
 from ctlesion.engine.checkpoint import load_checkpoint, load_train_state
 from ctlesion.engine.train import NonFiniteLossError, epoch_order, train_segmentation
 
@@ -18,28 +18,11 @@ SIZE = 48
 
 
 def _square_sample(i: int, lesion: bool = True, nan: bool = False) -> Sample:
-    gen = torch.Generator().manual_seed(i)
-    image = 0.2 * torch.rand(1, SIZE, SIZE, generator=gen)
-    target = empty_target(SIZE, SIZE)
-    if lesion:
-        x, y = 6 + 3 * (i % 5), 8 + 2 * (i % 7)
-        image[:, y:y + 14, x:x + 16] += 0.6
-        mask = torch.zeros(1, SIZE, SIZE, dtype=torch.uint8)
-        mask[0, y:y + 14, x:x + 16] = 1
-        target = {"boxes": torch.tensor([[x, y, x + 16, y + 14]], dtype=torch.float32),
-                  "labels": torch.tensor([1]), "masks": mask}
-    if nan:
-        image[0, 0, 0] = float("nan")
-    return Sample(image=image, target=target, sample_id=f"sq-{i}", source="synthetic")
+    return square_sample(i, SIZE, lesion=lesion, nan=nan)
 
 
 def _cfg(*extra):
-    return load_experiment(None, [
-        "model.name=maskrcnn-r18-s2", f"model.detector.min_size={SIZE}", f"model.detector.max_size={SIZE}",
-        "model.detector.rpn_pre_nms_top_n_train=200", "model.detector.rpn_post_nms_top_n_train=100",
-        "model.detector.box_batch_size_per_image=32", "train.lr=1e-3", "train.batch_size=2",
-        "train.save_every=1", "train.skip_negatives=false", *extra,
-    ])
+    return load_experiment(None, [*small_detector_overrides(SIZE), "train.save_every=1", *extra])
 
 
 def _steps(log_path):
