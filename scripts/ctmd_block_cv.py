@@ -19,8 +19,6 @@ Markdown table. Finished folds (``result.json``) are not redone.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import time
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from ctlesion.engine.io import write_json
 from ctlesion.engine.loop import resolve_device
 from ctlesion.engine.train import train
 from ctlesion.experiment import load_experiment
+from cv_folds import mean_sd, run_folds
 
 
 class Slices(Dataset):
@@ -87,15 +86,9 @@ def main() -> None:
             full[i]
     folds = block_folds(list(full.patient_ids), args.blocks, args.gap)
     out = Path(args.out)
-    rows = []
-    for k, (train_idx, test_idx) in enumerate(folds):
-        fold_dir = out / f"fold-{k}"
-        done = fold_dir / "result.json"
-        if done.exists():
-            rows.append(json.loads(done.read_text()))
-            continue
-        if args.only is not None and k not in args.only:
-            continue
+
+    def fold(k: int, fold_dir: Path) -> dict:
+        train_idx, test_idx = folds[k]
         start = time.monotonic()
         result = train(cfg, fold_dir / "train", dataset=Slices(full, train_idx), progress=False,
                        resume=(fold_dir / "train" / "checkpoint").exists())
@@ -105,18 +98,12 @@ def main() -> None:
                                                eval_cfg=run_cfg.eval, cls_bn=scoring_cls_bn(run_cfg), progress=False)
         write_classification_outputs(fold_dir / "eval", metrics, records,
                                      title=f"{run_cfg.model.name}, block {k}: {len(test_idx)} slices")
-        row = {"fold": k, "train_slices": len(train_idx), "test_slices": len(test_idx), "steps": result.steps,
-               "train_seconds": round(seconds, 1), "accuracy": metrics["overall_accuracy"],
-               "f1_weighted": metrics["f1_weighted"],
-               "sensitivity": metrics.get("sensitivity")}
-        write_json(done, row)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    summary = {}
-    for name in ("accuracy", "f1_weighted"):
-        values = [r[name] for r in rows if r.get(name) is not None]
-        if values:
-            summary[name] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+        return {"train_slices": len(train_idx), "test_slices": len(test_idx), "steps": result.steps,
+                "train_seconds": round(seconds, 1), "accuracy": metrics["overall_accuracy"],
+                "f1_weighted": metrics["f1_weighted"], "sensitivity": metrics.get("sensitivity")}
+
+    rows = run_folds(out, len(folds), args.only, fold)
+    summary = mean_sd(rows, ("accuracy", "f1_weighted"))
     write_json(out / "cv.json", {"config": args.config, "overrides": args.set, "blocks": args.blocks, "gap": args.gap,
                                  "rows": rows, "summary": summary})
     print("| block | train / test slices | steps | s | accuracy | weighted F1 | sensitivity per class |")

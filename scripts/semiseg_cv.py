@@ -19,8 +19,6 @@ and standard deviation of each number, and the Markdown table is printed. A fold
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -30,6 +28,7 @@ from ctlesion.engine.api import evaluate_checkpoint
 from ctlesion.engine.io import write_json
 from ctlesion.engine.train import train
 from ctlesion.experiment import load_experiment
+from cv_folds import mean_sd, run_folds
 
 NUMBERS = {
     "COCO segm AP": ("coco", "segm", "AP"),
@@ -88,26 +87,14 @@ def main() -> None:
     names = sorted((p.name for p in images.iterdir() if p.suffix.lower() in (".jpg", ".png")), key=natural_key)
     blocks = fold_lists(names, args.folds)
     out = Path(args.out)
-    rows = []
-    for k, test_names in enumerate(blocks):
-        fold_dir = out / f"fold-{k}"
-        done = fold_dir / "result.json"
-        if done.exists():
-            rows.append(json.loads(done.read_text()))
-            continue
-        if args.only is not None and k not in args.only:
-            continue
-        train_names = [n for b in blocks if b is not test_names for n in b]
-        row = {"fold": k, "test": test_names, **run_fold(args.config, args.set, fold_dir, train_names, test_names)}
-        write_json(done, row)
-        rows.append(row)
-        print(json.dumps({key: v for key, v in row.items() if key != "test"}), flush=True)
-    summary = {}
-    for name in NUMBERS:
-        values = [r[name] for r in rows if r.get(name) is not None]
-        if values:
-            summary[name] = {"mean": statistics.fmean(values),
-                             "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+    def fold(k: int, fold_dir: Path) -> dict:
+        test_names = blocks[k]
+        train_names = [n for j, b in enumerate(blocks) if j != k for n in b]
+        return {"test": test_names, **run_fold(args.config, args.set, fold_dir, train_names, test_names)}
+
+    rows = run_folds(out, len(blocks), args.only, fold)
+    summary = mean_sd(rows, NUMBERS)
     write_json(out / "cv.json", {"config": args.config, "overrides": args.set, "folds": args.folds,
                                  "rows": rows, "summary": summary})
     print("| fold | steps | s | " + " | ".join(NUMBERS) + " |")
