@@ -25,6 +25,7 @@ from torchvision.transforms.v2 import functional as F
 
 from ..config import AugmentConfig, check_augment
 from .sample import Sample
+from .wrappers import DatasetWrapper
 
 __all__ = ["AugmentedDataset", "augment_seed", "build_augmentation", "RandomGamma"]
 
@@ -77,7 +78,7 @@ def augment_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-class AugmentedDataset(Dataset):
+class AugmentedDataset(DatasetWrapper):
     """``dataset`` with each sample augmented; the draw depends on ``(seed, epoch, index)``.
 
     The training loop calls :meth:`set_epoch` before each epoch; :meth:`draw` takes the key
@@ -94,9 +95,6 @@ class AugmentedDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
 
     def __getitem__(self, index: int) -> Sample:
         return self.draw(index, self.epoch)
@@ -124,8 +122,3 @@ class AugmentedDataset(Dataset):
         new_target = {**target, "masks": masks, "labels": target["labels"][keep], "boxes": boxes}
         return replace(sample, image=image.as_subclass(torch.Tensor).contiguous(), target=new_target)
 
-    def __getattr__(self, name: str):
-        # Descriptive attributes (class names, labels, patient ids) come from the wrapped set.
-        if name in ("dataset", "transform", "seed", "min_area", "epoch"):
-            raise AttributeError(name)
-        return getattr(self.dataset, name)

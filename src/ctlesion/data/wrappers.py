@@ -8,7 +8,7 @@ from ..errors import DataError
 from .labels import resolve_class_map
 from .sample import Sample
 
-__all__ = ["ClassMappedDataset", "CachedDataset"]
+__all__ = ["ClassMappedDataset", "CachedDataset", "DatasetWrapper"]
 
 
 class ClassMappedDataset(Dataset):
@@ -38,7 +38,22 @@ class ClassMappedDataset(Dataset):
         return sample
 
 
-class CachedDataset(Dataset):
+class DatasetWrapper(Dataset):
+    """A dataset around ``self.dataset`` whose descriptive attributes (class names, labels,
+    patient ids) are the wrapped set's."""
+
+    dataset: Dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str):
+        if name == "dataset":        # not set yet (unpickling): no endless lookup
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+class CachedDataset(DatasetWrapper):
     """Remembers each sample after its first read: decoding or drawing happens once per
     run instead of once per epoch. Holds every sample in memory, so use it for small sets."""
 
@@ -46,16 +61,7 @@ class CachedDataset(Dataset):
         self.dataset = dataset
         self._cache: dict[int, Sample] = {}
 
-    def __len__(self) -> int:
-        return len(self.dataset)
-
     def __getitem__(self, index: int) -> Sample:
         if index not in self._cache:
             self._cache[index] = self.dataset[index]
         return self._cache[index]
-
-    def __getattr__(self, name: str):
-        # Descriptive attributes (class names, labels, patient ids) come from the wrapped set.
-        if name in ("dataset", "_cache"):
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
