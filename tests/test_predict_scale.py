@@ -126,23 +126,26 @@ _MEASURE = textwrap.dedent("""
     import json, sys, torch
     torch.set_num_threads(1)
     from ctlesion.engine.api import predict_checkpoint
+    from ctlesion.engine.checkpoint import load_checkpoint
     from ctlesion.outputs.writer import VolumeOutputOptions
+    load_checkpoint(sys.argv[1])
+    base_kb = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])   # torch + ctlesion + model
     summary = predict_checkpoint(sys.argv[1], [sys.argv[2]], sys.argv[3], size=32, overlays="none",
                                  volume_outputs=VolumeOutputOptions(), progress=False, device="cpu",
                                  batch_size=16)
     status = open("/proc/self/status").read()
     peak_kb = int(status.split("VmHWM:")[1].split()[0])
-    print(json.dumps({"peak_kb": peak_kb, "slices": summary.slices}))
+    print(json.dumps({"peak_kb": peak_kb, "base_kb": base_kb, "slices": summary.slices}))
 """)
 
 
-def _peak_rss_kb(checkpoint: Path, volume: Path, out: Path) -> int:
+def _peak_rss_kb(checkpoint: Path, volume: Path, out: Path) -> tuple[int, int]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", _MEASURE, str(checkpoint), str(volume), str(out)],
                           capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    return result["peak_kb"]
+    return result["peak_kb"], result["base_kb"]
 
 
 @pytest.mark.slow
@@ -153,16 +156,21 @@ def test_peak_memory_does_not_grow_with_the_slice_count(checkpoint, tmp_path):
     import nibabel as nib
 
     side, small, large = 128, 100, 1000
-    peaks = {}
+    peaks, bases = {}, {}
     for n in (small, large):
         volume = write_nifti(tmp_path / f"chest{n}.nii.gz", n, side)
-        peaks[n] = _peak_rss_kb(checkpoint, volume, tmp_path / f"out{n}")
+        peaks[n], bases[n] = _peak_rss_kb(checkpoint, volume, tmp_path / f"out{n}")
     whole_volume_bytes = (large - small) * side * side * (4 + 1)
     growth_bytes = (peaks[large] - peaks[small]) * 1024
     print(f"peak RSS: {small} slices {peaks[small] / 1024:.1f} MiB, {large} slices {peaks[large] / 1024:.1f} MiB; "
-          f"growth {growth_bytes / 2**20:.1f} MiB vs {whole_volume_bytes / 2**20:.1f} MiB to hold the extra slices")
+          f"growth {growth_bytes / 2**20:.1f} MiB vs {whole_volume_bytes / 2**20:.1f} MiB to hold the extra slices; "
+          f"prediction above torch + model: {(peaks[large] - bases[large]) / 1024:.1f} MiB")
     assert growth_bytes < whole_volume_bytes / 3
-    assert peaks[large] < 1024 * 1024  # and under 1 GiB in all (torch + model + one batch)
+    # Prediction itself (one batch, outputs, report) within 320 MiB of what torch, ctlesion and the
+    # model take before it: ~700 MiB here, so under 1 GiB in all on the dev box. The base is
+    # measured, not assumed: `import torch` alone takes 150 MiB more in a fresh venv than in an
+    # older one on the same machine, and an absolute cap failed there.
+    assert peaks[large] - bases[large] < 320 * 1024
     folder = tmp_path / f"out{large}" / f"chest{large}"
     labels = nib.load(str(folder / "lesions.nii.gz"))
     assert labels.shape == (side, side, large)
