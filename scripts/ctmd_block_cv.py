@@ -81,9 +81,6 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_experiment(args.config, args.set)
     full = build_dataset(cfg.data, cfg.model.detector.mask_type)
-    if cfg.data.cache:   # read in order once: each volume is decoded once, then shuffled access is free
-        for i in range(len(full)):
-            full[i]
     folds = block_folds(list(full.patient_ids), args.blocks, args.gap)
     out = Path(args.out)
 

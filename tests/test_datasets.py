@@ -357,3 +357,34 @@ def test_cache_reads_each_sample_once():
     assert all(a is b for a, b in zip(first, again))
     assert not isinstance(build_dataset(DataConfig(format="phantom", num_samples=1, phantom_size=64), "merge"),
                           CachedDataset)
+
+
+def test_cache_reads_a_volume_backed_dataset_in_order_at_the_first_miss():
+    from ctlesion.data.wrappers import CachedDataset
+
+    class Volumes(torch.utils.data.Dataset):
+        """Slices 0-3 of volume A, 4-7 of B; one volume held, as CovidCtMdDataset."""
+        reads_in_order = True
+
+        def __init__(self):
+            self.decodes, self.held = [], None
+
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            volume = "AB"[i // 4]
+            if self.held != volume:
+                self.decodes.append(volume)
+                self.held = volume
+            return (volume, i)
+
+    inner = Volumes()
+    cached = CachedDataset(inner)
+    shuffled = [5, 0, 7, 2, 4, 1, 6, 3]
+    assert [cached[i] for i in shuffled] == [("AB"[i // 4], i) for i in shuffled]
+    assert inner.decodes == ["A", "B"]               # each volume once, not once per switch
+    uncached = Volumes()
+    [uncached[i] for i in shuffled]
+    assert len(uncached.decodes) == 8                # what a shuffled epoch costs without it
+

@@ -492,6 +492,9 @@ class CovidCtMdDataset(Dataset):
             the slice count, or no sample left.
     """
 
+    # Decodes a whole series at a time (one held): read slices in order (CachedDataset does).
+    reads_in_order = True
+
     def __init__(
         self,
         root: str | Path,

@@ -55,7 +55,12 @@ class DatasetWrapper(Dataset):
 
 class CachedDataset(DatasetWrapper):
     """Remembers each sample after its first read: decoding or drawing happens once per
-    run instead of once per epoch. Holds every sample in memory, so use it for small sets."""
+    run instead of once per epoch. Holds every sample in memory, so use it for small sets.
+
+    A dataset whose ``reads_in_order`` is true (slices of volumes that it decodes a whole
+    volume at a time, e.g. :class:`~ctlesion.data.classification.CovidCtMdDataset`) is read
+    whole, in index order, at the first miss: a shuffled first epoch would otherwise decode
+    a volume again at nearly every read."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -63,5 +68,13 @@ class CachedDataset(DatasetWrapper):
 
     def __getitem__(self, index: int) -> Sample:
         if index not in self._cache:
-            self._cache[index] = self.dataset[index]
+            if getattr(self.dataset, "reads_in_order", False):
+                self._read_all()
+            else:
+                self._cache[index] = self.dataset[index]
         return self._cache[index]
+
+    def _read_all(self) -> None:
+        for i in range(len(self.dataset)):
+            if i not in self._cache:
+                self._cache[i] = self.dataset[i]
