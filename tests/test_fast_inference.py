@@ -94,6 +94,70 @@ def test_detect_batch_gives_the_stock_detections(mask_paste):
     assert model.backbone.body.conv1.weight.is_contiguous()          # layout restored
 
 
+def _record_mask_head_inputs(model):
+    """Hook on the first mask-head convolution: the (dtype, channels-last?) of its output."""
+    seen = []
+    conv = model.roi_heads.mask_head[0][0]
+    hook = conv.register_forward_hook(
+        lambda mod, inp, out: seen.append((out.dtype, inp[0].is_contiguous(memory_format=torch.channels_last))))
+    return seen, hook
+
+
+@pytest.mark.parametrize("mask_paste", ["probabilities", "logits"])
+def test_fast_path_runs_the_mask_branch_channels_last_and_changes_only_the_masks(mask_paste):
+    model = _detector(mask_paste=mask_paste, detection_filter="none" if mask_paste == "logits" else "min_side")
+    images = _images(2, size=80, seed=5)
+    seen, hook = _record_mask_head_inputs(model)
+    with torch.inference_mode():
+        stock = model(images)
+        assert seen == [(torch.float32, False)]                      # the model's own forward: stock
+        fast = detect_batch(model, images, 0.5)
+    hook.remove()
+    assert seen[1:] == [(torch.float32, True)]                       # the fast path: channels-last
+    assert model.roi_heads.mask_channels_last is False               # restored
+    for f, s in zip(fast, stock):
+        for key in ("boxes", "scores", "labels"):                    # before the mask branch: bitwise
+            assert torch.equal(f[key], s[key].to(f[key].dtype)), key
+        _assert_same_detections(f, s)
+
+
+def test_bf16_mask_runs_only_the_mask_branch_in_bf16():
+    from ctlesion.models.inference import inference_precision
+
+    model = _detector()
+    images = _images(1, size=80, seed=6)
+    seen, hook = _record_mask_head_inputs(model)
+    with torch.inference_mode():
+        fp32 = detect_batch(model, images, 0.5)
+        with inference_precision("cpu", "bf16-mask", model):
+            bf16 = detect_batch(model, images, 0.5)
+            assert model.roi_heads.mask_dtype == torch.bfloat16
+    hook.remove()
+    assert [dtype for dtype, _ in seen] == [torch.float32, torch.bfloat16]
+    assert model.roi_heads.mask_dtype is None                        # restored
+    for key in ("boxes", "scores", "labels"):
+        assert torch.equal(bf16[0][key], fp32[0][key]), key
+    assert bf16[0]["masks"].dtype == torch.bool and bf16[0]["masks"].shape == fp32[0]["masks"].shape
+    with pytest.raises(ValueError, match="needs the model"):
+        inference_precision("cpu", "bf16-mask")
+
+
+def test_bf16_mask_leaves_a_joint_models_class_logits_alone():
+    from ctlesion.models.inference import inference_precision
+
+    model = _detector("ssm-2branch-r18-s3", detections=16)
+    images = _images(1, size=96, seed=7)
+    with torch.inference_mode(), model.inference(), binary_masks(model, 0.5):
+        model.padding_generator = torch.Generator().manual_seed(0)
+        fp32 = model(images, with_detections=True)
+        with inference_precision("cpu", "bf16-mask", model):
+            model.padding_generator = torch.Generator().manual_seed(0)
+            bf16 = model(images, with_detections=True)
+    assert torch.equal(bf16.logits, fp32.logits)
+    for key in ("boxes", "scores", "labels"):
+        assert torch.equal(bf16.detections[0][key], fp32.detections[0][key]), key
+
+
 def test_channels_last_keeps_values_and_restores_the_layout():
     from ctlesion.models.inference import channels_last
 
@@ -224,3 +288,73 @@ def test_compact_prediction_gives_float32_scores_after_bf16():
     out = compact_prediction(pred, 0.5)
     assert out["scores"].dtype == out["boxes"].dtype == torch.float32 and out["labels"].dtype == torch.int64
     assert out["scores"].tolist() == [0.5, 0.25] and out["masks"].shape == (2, 4, 4)
+
+
+@pytest.mark.parametrize("per_image", [[300], [70, 0, 130], [5]])
+def test_threaded_roi_align_equals_one_call_bitwise(per_image):
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from ctlesion.models.rcnn_parts import ThreadedRoIAlign
+
+    g = torch.Generator().manual_seed(0)
+    n = len(per_image)
+    features = {"0": torch.randn((n, 8, 24, 24), generator=g), "1": torch.randn((n, 8, 12, 12), generator=g)}
+    corners = [torch.rand((k, 2, 2), generator=g).mul(96).sort(dim=1).values for k in per_image]
+    boxes = [c.transpose(1, 2).reshape(-1, 4)[:, [0, 2, 1, 3]] for c in corners]   # x0 y0 x1 y1, x0 <= x1
+    shapes = [(96, 96), (80, 96), (96, 64)][:n]
+    pool = MultiScaleRoIAlign(["0", "1"], output_size=7, sampling_ratio=2)
+    with torch.inference_mode():
+        stock = pool(features, boxes, shapes)
+        for workers in (1, 2, 3):
+            threaded = ThreadedRoIAlign(pool, workers)(features, boxes, shapes)
+            assert torch.equal(threaded, stock), workers
+    assert not list(ThreadedRoIAlign(pool, 2).state_dict())      # nothing added to checkpoints
+
+
+def test_binary_masks_threads_roi_align_and_puts_the_pools_back():
+    from ctlesion.models.rcnn_parts import ThreadedRoIAlign
+
+    model = _detector()
+    pools = (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with binary_masks(model, 0.5):
+            assert isinstance(model.roi_heads.box_roi_pool, ThreadedRoIAlign)
+            assert isinstance(model.roi_heads.mask_roi_pool, ThreadedRoIAlign)
+            assert model.roi_heads.box_roi_pool.workers == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool) == pools
+
+
+def test_predict_with_bf16_mask_keeps_the_boxes_scores_and_labels(tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from ctlesion.engine.api import predict_checkpoint
+    from ctlesion.engine.checkpoint import save_checkpoint
+    from ctlesion.experiment import experiment_from_dict
+
+    cfg = experiment_from_dict({"model": {"name": "maskrcnn-r18-s2", "detector": {
+        "box_score_thresh": 0.0, "box_nms_thresh": 1.0, "box_detections_per_img": 6}},
+        "data": {"format": "phantom", "size": 64}})
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "ck", create_model(cfg.model), cfg, epoch=0, step=0)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray((rng.random((64, 64)) * 255).astype(np.uint8)).save(tmp_path / f"s{i}.png")
+    inputs = [tmp_path / "s0.png", tmp_path / "s1.png"]
+    runs = {}
+    for precision in ("fp32", "bf16-mask"):
+        predict_checkpoint(ckpt, inputs, tmp_path / precision, overlays="none", device="cpu", progress=False,
+                           precision=precision)
+        lines = (tmp_path / precision / "predictions.jsonl").read_text().splitlines()
+        runs[precision] = [json.loads(line) for line in lines]
+    assert len(runs["fp32"]) == len(runs["bf16-mask"]) == 2
+    for a, b in zip(runs["fp32"], runs["bf16-mask"]):
+        assert len(a["scores"]) == 6
+        assert (a["boxes"], a["scores"], a["labels"]) == (b["boxes"], b["scores"], b["labels"])
+        assert len(b["areas_px"]) == 6

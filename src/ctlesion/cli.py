@@ -18,6 +18,7 @@ from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 
+from .config import INFERENCE_PRECISIONS as PRECISIONS
 from .errors import ConfigError, CtlesionError
 
 # Problems the user can fix print one line (exit 2): ctlesion's own errors and missing or
@@ -297,8 +298,9 @@ def _add_benchmark_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed rounds after the warm-up (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up rounds (default 1)")
     p.add_argument("--size", type=int, default=512, help="slice size (default 512)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="ctlesion models' precision (bf16: autocast, opt-in); stock runs in float32")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="ctlesion models' precision (opt-in bf16-mask: the mask branch in bfloat16; "
+                        "bf16: autocast over the whole forward); stock runs in float32")
     p.add_argument("--channels-last", action="store_true", help="ctlesion models with channels-last weights (opt-in)")
     p.add_argument("--volume", nargs="?", const="synthetic", default=None, metavar="SERIES",
                    help="also time `predict` end to end on a DICOM series (default: a synthetic one written here)")
@@ -375,9 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--size", type=int, default=None, help="resize slices to SIZE x SIZE (default: as trained)")
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
         p.add_argument("--score-thresh", type=float, default=None, help="detection confidence threshold")
-        p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                       help="fp32 (default) or bf16 autocast (experimental: faster, but re-ranks low-score "
-                            "detections; see docs/benchmarks.md)")
+        p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                       help="fp32 (default); bf16-mask: the mask branch in bfloat16 (boxes, scores and "
+                            "classes unchanged, masks change by rounding); bf16: autocast over the whole "
+                            "forward (experimental: re-ranks low-score detections; see docs/benchmarks.md)")
         p.add_argument("--channels-last", action="store_true",
                        help="channels-last weights (opt-in, faster convolutions; last-bit rounding changes)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")

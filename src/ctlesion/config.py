@@ -22,11 +22,16 @@ import yaml
 from .errors import ConfigError
 
 __all__ = [
+    "INFERENCE_PRECISIONS",
     "AugmentConfig", "BackboneConfig", "DetectorConfig", "ClassifierConfig", "ModelConfig", "DataConfig", "TrainConfig",
     "EvalConfig", "ExperimentConfig", "ConfigError", "CONFIG_VERSION", "check_augment", "update_dataclass", "apply_overrides",
     "read_yaml", "to_dict",
 ]
 
+
+# Inference precisions of predict / evaluate / benchmark (models/inference.py applies them):
+# fp32; bf16-mask, the mask branch only in bfloat16; bf16, autocast over the whole forward.
+INFERENCE_PRECISIONS = ("fp32", "bf16-mask", "bf16")
 
 @dataclass
 class BackboneConfig:

@@ -86,17 +86,18 @@ def evaluate_checkpoint(
     images (``overlay_files`` in the result). Classifiers: ``metrics.json``,
     ``confusion_matrix.png``, ``predictions.jsonl``; joint models also score their
     segmentation branch on ``seg_data``; ``title`` heads the confusion matrix (``{n}``: the
-    slice count). ``precision``: ``fp32`` or opt-in ``bf16`` autocast; ``channels_last``:
-    opt-in channels-last weights (faster convolutions, last-bit rounding changes). Returns
+    slice count). ``precision``: ``fp32``, opt-in ``bf16-mask`` (the mask branch in bfloat16) or
+    ``bf16`` (autocast over the whole forward); ``channels_last``: opt-in channels-last
+    weights (faster convolutions, last-bit rounding changes). Returns
     the metrics (with ``task``). ``checkpoint`` is a folder or a built-in model name
     (verified against its SHA-256).
     """
     dev = resolve_device(device)
-    with inference_precision(dev, precision):
-        metrics = _evaluate_checkpoint(checkpoint, data, out, seg_data=seg_data, split=split, min_area=min_area,
-                                       size=size, window=window, score_thresh=score_thresh, nms_thresh=nms_thresh,
-                                       max_detections=max_detections, f1_weights=f1_weights, overlays=overlays,
-                                       dev=dev, progress=progress, title=title, channels_last=channels_last)
+    metrics = _evaluate_checkpoint(checkpoint, data, out, seg_data=seg_data, split=split, min_area=min_area,
+                                   size=size, window=window, score_thresh=score_thresh, nms_thresh=nms_thresh,
+                                   max_detections=max_detections, f1_weights=f1_weights, overlays=overlays,
+                                   dev=dev, progress=progress, title=title, channels_last=channels_last,
+                                   precision=precision)
     if precision != "fp32" or channels_last:
         metrics["speed_options"] = {"precision": precision, "channels_last": channels_last}
     return metrics
@@ -104,17 +105,25 @@ def evaluate_checkpoint(
 
 def _evaluate_checkpoint(checkpoint, data, out, *, seg_data, split, min_area, size, window, score_thresh,
                          nms_thresh, max_detections, f1_weights, overlays, dev, progress, title,
-                         channels_last=False) -> dict:
+                         channels_last=False, precision="fp32") -> dict:
     model, cfg, meta = load_checkpoint(resolve_checkpoint(checkpoint))
-    with _layout(model, channels_last):
+    with _speed_options(model, dev, precision, channels_last):
         return _evaluate_model(model, cfg, meta, checkpoint, data, out, seg_data=seg_data, split=split,
                                min_area=min_area, size=size, window=window, score_thresh=score_thresh,
                                nms_thresh=nms_thresh, max_detections=max_detections, f1_weights=f1_weights,
                                overlays=overlays, dev=dev, progress=progress, title=title)
 
 
-def _layout(model, channels_last: bool):
-    return channels_last_weights(model) if channels_last else contextlib.nullcontext()
+@contextlib.contextmanager
+def _speed_options(model, device, precision: str, channels_last: bool):
+    """The opt-in inference levers around a loaded model: precision (``fp32``,
+    ``bf16-mask``, ``bf16``) and channels-last weights."""
+    with inference_precision(device, precision, model):
+        if not channels_last:
+            yield
+            return
+        with channels_last_weights(model):
+            yield
 
 
 def _evaluate_model(model, cfg, meta, checkpoint, data, out, *, seg_data, split, min_area, size, window,
@@ -189,12 +198,12 @@ def predict_checkpoint(
     Returns the summary
     (:class:`~ctlesion.engine.predict.PredictSummary` for detectors,
     :class:`~ctlesion.engine.predict_classifier.ClassifyPredictSummary` for classifiers).
-    ``precision``: ``fp32`` or opt-in ``bf16`` autocast; ``channels_last``: opt-in
-    channels-last weights (see :func:`evaluate_checkpoint`). ``checkpoint`` is a folder or a
+    ``precision`` and ``channels_last``: opt-in speed levers (see
+    :func:`evaluate_checkpoint`). ``checkpoint`` is a folder or a
     built-in model name (verified against its SHA-256)."""
     checkpoint = resolve_checkpoint(checkpoint)
     model, cfg, meta = load_checkpoint(checkpoint)
-    with inference_precision(resolve_device(device), precision), _layout(model, channels_last):
+    with _speed_options(model, resolve_device(device), precision, channels_last):
         return _predict_model(model, cfg, meta, checkpoint, inputs, out, window=window, size=size,
                               score_thresh=score_thresh, overlays=overlays, volume_outputs=volume_outputs,
                               aggregate=aggregate, min_abnormal_fraction=min_abnormal_fraction, device=device,

@@ -31,19 +31,22 @@ pools and scores the same proposals), and :func:`binary_masks` makes
 from __future__ import annotations
 
 import contextlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import (RoIHeads, expand_boxes, expand_masks, maskrcnn_inference,
                                                     paste_masks_in_image)
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import boxes as box_ops
 
 __all__ = ["LesionRPN", "LesionRoIHeads", "LesionTransform", "DETECTION_FILTERS", "keep_detections",
-           "paste_masks_binary", "binary_masks"]
+           "paste_masks_binary", "binary_masks", "mask_branch_precision", "ThreadedRoIAlign"]
 
 DETECTION_FILTERS = ("min_side", "positive_area", "none")
 TORCHVISION_RPN_MIN_SIZE = 1e-3
@@ -136,6 +139,10 @@ class LesionRoIHeads(RoIHeads):
             raise ValueError(f"mask_paste must be 'probabilities' or 'logits', not {mask_paste!r}")
         self.detection_filter = detection_filter
         self.mask_paste = mask_paste
+        # Inference-only mask branch settings (see mask_logits), set by binary_masks() and
+        # mask_branch_precision(); not part of the model's configuration or state.
+        self.mask_channels_last = False
+        self.mask_dtype: torch.dtype | None = None
 
     @classmethod
     def like(cls, heads: RoIHeads, **options) -> LesionRoIHeads:
@@ -180,35 +187,52 @@ class LesionRoIHeads(RoIHeads):
         result = [{"boxes": b, "labels": lab, "scores": s} for b, s, lab in zip(boxes, scores, labels)]
         if not self.has_mask():
             return result
-        mask_boxes = [r["boxes"] for r in result]
-        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_boxes, image_shapes)))
-        labels = [r["labels"] for r in result]
-        if self.mask_paste == "probabilities":
-            for probs, r in zip(maskrcnn_inference(mask_logits, labels), result):
-                r["masks"] = probs
-            return result
-        flat = torch.cat(labels)
-        picked = mask_logits[torch.arange(len(flat), device=flat.device), flat][:, None]
-        for r, m in zip(result, picked.split([len(b) for b in mask_boxes], 0)):
-            r["mask_logits"] = m
+        self._attach_masks(features, image_shapes, result)
         return result
 
+    def mask_logits(self, features, boxes: list[Tensor], image_shapes) -> Tensor:
+        """The mask branch on ``boxes``: pooled features -> mask head -> predictor, float32
+        logits ``[K, classes, 28, 28]``. Stock by default; within :func:`binary_masks` (the
+        inference fast path) the pooled features are channels-last, and with
+        ``mask_dtype`` = bfloat16 (opt-in ``--precision bf16-mask``) the head runs under
+        autocast. Both change only the masks, by rounding (the boxes, scores and labels
+        come before this branch)."""
+        x = self.mask_roi_pool(features, boxes, image_shapes)
+        if self.mask_channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        autocast = (torch.autocast(x.device.type, dtype=self.mask_dtype) if self.mask_dtype is not None
+                    else contextlib.nullcontext())
+        with autocast:
+            logits = self.mask_predictor(self.mask_head(x))
+        return logits.float().contiguous()
+
+    def _attach_masks(self, features, image_shapes, result: list[dict]) -> None:
+        """``masks`` (probabilities, torchvision's ``maskrcnn_inference``) or ``mask_logits``
+        (the labelled class's raw logits) on each eval detection dict."""
+        boxes = [r["boxes"] for r in result]
+        logits = self.mask_logits(features, boxes, image_shapes)
+        labels = [r["labels"] for r in result]
+        if self.mask_paste == "probabilities":
+            for probs, r in zip(maskrcnn_inference(logits, labels), result):
+                r["masks"] = probs
+            return
+        flat = torch.cat(labels)
+        picked = logits[torch.arange(len(flat), device=flat.device), flat][:, None]
+        for r, m in zip(result, picked.split([len(b) for b in boxes], 0)):
+            r["mask_logits"] = m
+
     def forward(self, features, proposals, image_shapes, targets=None):
-        if self.training or self.mask_paste == "probabilities" or not self.has_mask():
+        stock_masks = self.mask_paste == "probabilities" and not self.mask_channels_last and self.mask_dtype is None
+        if self.training or stock_masks or not self.has_mask():
             return super().forward(features, proposals, image_shapes, targets)
-        # Logit masks: torchvision's box inference (mask branch hidden), then the mask
-        # branch on the detections, keeping the labelled class's logits unsquashed.
+        # torchvision's box inference (mask branch hidden), then the mask branch on the
+        # detections (logit masks keep the labelled class's logits unsquashed).
         mask_roi_pool, self.mask_roi_pool = self.mask_roi_pool, None
         try:
             result, losses = super().forward(features, proposals, image_shapes, targets)
         finally:
             self.mask_roi_pool = mask_roi_pool
-        boxes = [r["boxes"] for r in result]
-        logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, boxes, image_shapes)))
-        labels = torch.cat([r["labels"] for r in result])
-        picked = logits[torch.arange(len(labels), device=labels.device), labels][:, None]
-        for r, m in zip(result, picked.split([len(b) for b in boxes], 0)):
-            r["mask_logits"] = m
+        self._attach_masks(features, image_shapes, result)
         return result, losses
 
 
@@ -294,18 +318,115 @@ def paste_masks_binary(masks: Tensor, boxes: Tensor, image_size: tuple[int, int]
     return out[:, None]
 
 
+# RoI Align parts smaller than this are not worth a thread hand-off.
+MIN_BOXES_PER_THREAD = 32
+_EXECUTOR_LOCK = threading.Lock()
+_EXECUTORS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    with _EXECUTOR_LOCK:
+        if workers not in _EXECUTORS:
+            _EXECUTORS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="ctlesion-roi-align")
+        return _EXECUTORS[workers]
+
+
+class ThreadedRoIAlign(nn.Module):
+    """``pool`` (torchvision's :class:`MultiScaleRoIAlign`) run over parts of the boxes in
+    parallel threads, for CPU inference.
+
+    torchvision's CPU RoI Align kernel runs on one core (it ignores ``torch.set_num_threads``)
+    and releases the GIL, so on a multi-core CPU the 1,000 proposals of an R-CNN forward
+    can be pooled by ``workers`` threads at once. Each RoI's output depends only on its own
+    box and image, and the parts are joined in the original order, so the result equals one
+    ``pool`` call bitwise (tested). Every part is pooled with the whole batch's
+    ``image_shapes``, which is all ``pool`` uses them for (the feature scales). Falls back to
+    ``pool`` itself off the CPU, with one worker or with few boxes. No parameters: the state
+    dict is unchanged.
+    """
+
+    def __init__(self, pool: MultiScaleRoIAlign, workers: int) -> None:
+        super().__init__()
+        self.pool = pool
+        self.workers = int(workers)
+
+    def forward(self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes) -> Tensor:
+        on_cpu = next(iter(features.values())).device.type == "cpu"
+        # Autocast is per thread: under it (opt-in bf16) keep the one stock call.
+        threaded = on_cpu and self.workers > 1 and not torch.is_autocast_enabled("cpu")
+        jobs = []
+        for i, image_boxes in enumerate(boxes if threaded else []):
+            image_features = {k: v[i:i + 1] for k, v in features.items()}
+            parts = min(self.workers, max(len(image_boxes) // MIN_BOXES_PER_THREAD, 1))
+            jobs += [(image_features, [part]) for part in image_boxes.tensor_split(parts) if len(part)]
+        if len(jobs) < 2:
+            return self.pool(features, boxes, image_shapes)
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()   # per thread too
+
+        def run(job):
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                return self.pool(job[0], job[1], image_shapes)
+
+        return torch.cat(list(_executor(self.workers).map(run, jobs)))
+
+
+def _threaded_pools(heads: RoIHeads, workers: int) -> list[tuple[str, nn.Module]]:
+    """Swap ``heads``' RoI Align modules for :class:`ThreadedRoIAlign` wrappers; returns what
+    to put back."""
+    saved = []
+    for name in ("box_roi_pool", "mask_roi_pool"):
+        pool = getattr(heads, name, None)
+        if isinstance(pool, MultiScaleRoIAlign):
+            saved.append((name, pool))
+            setattr(heads, name, ThreadedRoIAlign(pool, workers))
+    return saved
+
+
 @contextlib.contextmanager
 def binary_masks(model, threshold: float) -> Iterator[None]:
-    """Within the block, the eval ``masks`` of ``model`` (a Mask R-CNN with a
-    :class:`LesionTransform`, or a model holding one as ``detector``) are boolean
-    ``[K, 1, H, W]``: the stock pasted masks ``> threshold``, pasted box by box
-    (:func:`paste_masks_binary`). Other models are left as they are."""
-    transform = getattr(getattr(model, "detector", model), "transform", None)
+    """The inference fast path. Within the block, the eval ``masks`` of ``model`` (a Mask
+    R-CNN with a :class:`LesionTransform`, or a model holding one as ``detector``) are
+    boolean ``[K, 1, H, W]``: the pasted masks ``> threshold``, pasted box by box
+    (:func:`paste_masks_binary`), and the mask branch runs on channels-last features
+    (:meth:`LesionRoIHeads.mask_logits`: oneDNN's faster convolution layout; mask logits
+    change by rounding, ~1e-5, boxes, scores and labels not at all), and RoI Align runs in
+    ``torch.get_num_threads()`` threads (:class:`ThreadedRoIAlign`, bitwise the same).
+    Other models are left as they are."""
+    det = getattr(model, "detector", model)
+    transform = getattr(det, "transform", None)
     if not isinstance(transform, LesionTransform):
         yield
         return
+    heads = getattr(det, "roi_heads", None)
+    heads = heads if isinstance(heads, LesionRoIHeads) else None
     saved, transform.binary_mask_threshold = transform.binary_mask_threshold, float(threshold)
+    saved_layout = heads.mask_channels_last if heads is not None else None
+    pools = []
+    if heads is not None:
+        heads.mask_channels_last = True
+        pools = _threaded_pools(heads, torch.get_num_threads())
     try:
         yield
     finally:
         transform.binary_mask_threshold = saved
+        if heads is not None:
+            heads.mask_channels_last = saved_layout
+            for name, pool in pools:
+                setattr(heads, name, pool)
+
+
+@contextlib.contextmanager
+def mask_branch_precision(model, dtype: torch.dtype | None) -> Iterator[None]:
+    """Within the block, the mask branch of ``model`` (a Mask R-CNN with
+    :class:`LesionRoIHeads`, or a model holding one as ``detector``) runs under autocast to
+    ``dtype`` (``None``: float32); the rest of the model is untouched. Other models are
+    left as they are."""
+    heads = getattr(getattr(model, "detector", model), "roi_heads", None)
+    if not isinstance(heads, LesionRoIHeads):
+        yield
+        return
+    saved, heads.mask_dtype = heads.mask_dtype, dtype
+    try:
+        yield
+    finally:
+        heads.mask_dtype = saved
