@@ -19,6 +19,7 @@ and standard deviation of each number, and the Markdown table is printed. A fold
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -38,6 +39,8 @@ NUMBERS = {
     "Dice": ("pixel", "lesion", "dice"),
     "sensitivity": ("pixel", "lesion", "sensitivity"),
     "specificity": ("pixel", "lesion", "specificity"),
+    "GGO Dice": ("pixel", "GGO", "dice"),
+    "C Dice": ("pixel", "C", "dice"),
 }
 
 
@@ -53,9 +56,24 @@ def fold_lists(names: list[str], folds: int) -> list[list[str]]:
 
 
 def pick(metrics: dict, path: tuple[str, ...]):
+    """The number at ``path`` in ``metrics``, or None where the fold has none (e.g. a class
+    with no pixels)."""
     for key in path:
+        if not isinstance(metrics, dict) or key not in metrics:
+            return None
         metrics = metrics[key]
     return metrics
+
+
+def with_all_numbers(row: dict, fold_dir: Path) -> dict:
+    """``row`` with any of NUMBERS it lacks (a fold finished before they were added) read
+    from the fold's ``eval/metrics.json``."""
+    missing = [name for name in NUMBERS if name not in row]
+    metrics_file = fold_dir / "eval" / "metrics.json"
+    if missing and metrics_file.exists():
+        metrics = json.loads(metrics_file.read_text())
+        row = {**row, **{name: pick(metrics, NUMBERS[name]) for name in missing}}
+    return row
 
 
 def run_fold(cfg_path: str, overrides: list[str], out: Path, train_names: list[str], test_names: list[str]) -> dict:
@@ -93,7 +111,7 @@ def main() -> None:
         train_names = [n for j, b in enumerate(blocks) if j != k for n in b]
         return {"test": test_names, **run_fold(args.config, args.set, fold_dir, train_names, test_names)}
 
-    rows = run_folds(out, len(blocks), args.only, fold)
+    rows = [with_all_numbers(row, out / f"fold-{row['fold']}") for row in run_folds(out, len(blocks), args.only, fold)]
     summary = mean_sd(rows, NUMBERS)
     write_json(out / "cv.json", {"config": args.config, "overrides": args.set, "folds": args.folds,
                                  "rows": rows, "summary": summary})
