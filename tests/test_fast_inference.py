@@ -358,3 +358,17 @@ def test_predict_with_bf16_mask_keeps_the_boxes_scores_and_labels(tmp_path):
         assert len(a["scores"]) == 6
         assert (a["boxes"], a["scores"], a["labels"]) == (b["boxes"], b["scores"], b["labels"])
         assert len(b["areas_px"]) == 6
+
+
+@pytest.mark.parametrize("shape", [(5, 33, 47), (0, 8, 8), (3, 1, 1)])
+def test_mask_areas_count_the_pixels_of_each_mask(shape):
+    from ctlesion.engine.evaluate import mask_areas
+
+    masks = torch.rand(shape, generator=torch.Generator().manual_seed(1)) > 0.4
+    if shape[0]:
+        masks[0] = True                                     # a full frame: H*W
+    areas = mask_areas(masks)
+    assert areas.dtype == torch.int64 and torch.equal(areas, masks.flatten(1).sum(1))
+    assert torch.equal(mask_areas(masks.transpose(1, 2)), masks.transpose(1, 2).flatten(1).sum(1))
+    with pytest.raises(ValueError, match="boolean"):
+        mask_areas(masks.float())

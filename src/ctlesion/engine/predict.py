@@ -23,7 +23,7 @@ from ..data.sample import Sample, collate_samples
 from ..errors import ConfigError
 from ..models.maskrcnn import set_detection_settings
 from ..viz import draw_overlay
-from .evaluate import run_detector
+from .evaluate import mask_areas, run_detector
 from .io import safe_filename
 
 __all__ = ["PredictSummary", "prediction_record", "predict_inputs", "safe_filename", "volume_hooks",
@@ -44,7 +44,7 @@ class PredictSummary:
 
 def prediction_record(sample: Sample, pred: dict[str, torch.Tensor], class_names: tuple[str, ...]) -> dict:
     """One JSON line: where the slice came from and what was found on it."""
-    areas_px = pred["masks"].flatten(1).sum(1).tolist() if len(pred["masks"]) else []
+    areas_px = mask_areas(pred["masks"]).tolist() if len(pred["masks"]) else []
     if sample.spacing is not None:
         pixel_mm2 = float(sample.spacing[0]) * float(sample.spacing[1])
         areas_mm2 = [round(a * pixel_mm2, 3) for a in areas_px]
