@@ -1,0 +1,116 @@
+"""A/B of the inference fast path's levers, in one process, interleaved round by round with
+the stock torchvision reference of the same shape (``docs/benchmarks.md``).
+
+    python scripts/bench_levers.py --models ssm-2branch-r18-s3,maskrcnn-r18-s2 --repeats 5 \
+        --threads 2 --json levers.json
+
+Variants, each timed through ``ctlesion benchmark``'s own per-batch call (512², 128 forced
+masked detections, random weights): the path before the levers (mask branch on contiguous
+features, one RoI Align call), + the mask branch on channels-last features, + RoI Align in
+threads (= the default), and the default with the opt-in ``--precision bf16-mask`` and
+``--channels-last``. The "before" variants switch the levers off by patching
+``ctlesion.models.rcnn_parts`` for the duration of their call, which is why this is a
+script and not a ``ctlesion benchmark`` option. Prints the medians and the median per-round
+ratio to stock; ``--json`` keeps them with the machine and load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+
+import torch
+
+import ctlesion.models.rcnn_parts as parts
+from ctlesion.engine import benchmark as bm
+from ctlesion.registry import create_model, default_model_config, get_entry
+
+# name, RoI Align threads, mask branch channels-last, precision, channels-last weights
+VARIANTS = [
+    ("before (one RoI Align call, contiguous mask branch)", False, False, "fp32", False),
+    ("+ mask branch channels-last", False, True, "fp32", False),
+    ("+ RoI Align in threads (the default)", True, True, "fp32", False),
+    ("default + --precision bf16-mask", True, True, "bf16-mask", False),
+    ("default + --channels-last", True, True, "fp32", True),
+    ("default + --channels-last --precision bf16-mask", True, True, "bf16-mask", True),
+]
+
+
+@contextlib.contextmanager
+def levers(threaded: bool, mask_channels_last: bool):
+    """The fast path with RoI Align threads and / or the channels-last mask branch off."""
+    threaded_pools, mask_logits = parts._threaded_pools, parts.LesionRoIHeads.mask_logits
+
+    def contiguous_mask_logits(self, *args):
+        saved, self.mask_channels_last = self.mask_channels_last, False
+        try:
+            return mask_logits(self, *args)
+        finally:
+            self.mask_channels_last = saved
+
+    if not threaded:
+        parts._threaded_pools = lambda heads, workers: []
+    if not mask_channels_last:
+        parts.LesionRoIHeads.mask_logits = contiguous_mask_logits
+    try:
+        yield
+    finally:
+        parts._threaded_pools, parts.LesionRoIHeads.mask_logits = threaded_pools, mask_logits
+
+
+def bench_model(name: str, repeats: int, size: int, detections: int) -> dict:
+    cfg, task = default_model_config(name), get_entry(name).task
+    torch.manual_seed(0)
+    model = create_model(cfg).eval()
+    stock_name, stock = bm.stock_reference(cfg)
+    stock.eval()
+    bm.force_detections(model, detections)
+    bm.force_detections(stock, detections)
+    call = bm._ctlesion_call(model, task)
+    images = [torch.rand((1, size, size), generator=torch.Generator().manual_seed(0))]
+    cpu = torch.device("cpu")
+    times = {v[0]: [] for v in VARIANTS}
+    stock_times = []
+    with torch.inference_mode():
+        for round_ in range(repeats + 1):          # round 0: warm-up
+            t = bm._time(lambda: stock(images), cpu)
+            if round_:
+                stock_times.append(t)
+            for variant, threaded, mask_cl, precision, channels_last in VARIANTS:
+                with levers(threaded, mask_cl), bm._inference_modes(model, task, channels_last), \
+                        bm.precision_context(cpu, precision, model):
+                    t = bm._time(lambda: call(images), cpu)
+                if round_:
+                    times[variant].append(t)
+    return {"stock": stock_name, "stock_median_ms": round(1000 * statistics.median(stock_times), 1),
+            "variants": {v: {"median_ms": round(1000 * statistics.median(ts), 1),
+                             "ratio": round(statistics.median([a / b for a, b in zip(ts, stock_times)]), 3)}
+                         for v, ts in times.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="ssm-2branch-r18-s3,maskrcnn-r18-s2")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--detections", type=int, default=128)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    result = {"machine_before": bm.machine_info(torch.device("cpu")), "models": {}}
+    for name in args.models.split(","):
+        row = result["models"][name] = bench_model(name, args.repeats, args.size, args.detections)
+        print(f"{name} (stock {row['stock']}: {row['stock_median_ms']} ms/slice)")
+        for variant, v in row["variants"].items():
+            print(f"  {variant:52s} {v['median_ms']:8.1f} ms  {v['ratio']:.2f}x")
+    result["loadavg_after"] = bm.machine_info(torch.device("cpu"))["loadavg"]
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
