@@ -25,7 +25,9 @@ tail from box-head outputs a caller already has (the joint models' classificatio
 pools and scores the same proposals), and :func:`binary_masks` makes
 :class:`LesionTransform` paste masks straight into boolean frames
 (:func:`paste_masks_binary`: the stock values, thresholded box by box, without a float
-``[K, H, W]`` image per detection).
+``[K, H, W]`` image per detection), runs the mask branch on channels-last features and
+RoI Align in threads (:class:`ThreadedRoIAlign`); :func:`mask_branch_precision` puts only
+the mask branch in bfloat16 (opt-in).
 """
 
 from __future__ import annotations
