@@ -25,6 +25,7 @@ import torch
 
 import ctlesion.models.rcnn_parts as parts
 from ctlesion.engine import benchmark as bm
+from ctlesion.models.inference import inference_precision
 from ctlesion.registry import create_model, default_model_config, get_entry
 
 # name, RoI Align threads, mask branch channels-last, precision, channels-last weights
@@ -80,7 +81,7 @@ def bench_model(name: str, repeats: int, size: int, detections: int) -> dict:
                 stock_times.append(t)
             for variant, threaded, mask_cl, precision, channels_last in VARIANTS:
                 with levers(threaded, mask_cl), bm._inference_modes(model, task, channels_last), \
-                        bm.precision_context(cpu, precision, model):
+                        inference_precision(cpu, precision, model):
                     t = bm._time(lambda: call(images), cpu)
                 if round_:
                     times[variant].append(t)

@@ -50,7 +50,7 @@ from .evaluate_classifier import classify_batch
 from .io import write_json
 
 __all__ = ["DEFAULT_MODELS", "stock_reference", "force_detections", "run_benchmark", "format_table",
-           "volume_benchmark", "format_volume", "write_ct_series", "machine_info", "precision_context"]
+           "volume_benchmark", "format_volume", "write_ct_series", "machine_info"]
 
 DEFAULT_MODELS = ("maskrcnn-r18-s2", "ssm-detector-r18-s3", "ssm-r18-s3", "ssm-2branch-r18-s3", "ctm-r50-fpn",
                   "affinity-r18", "lstm2-r18")
@@ -131,12 +131,6 @@ def force_detections(model: nn.Module, detections: int) -> None:
     det = getattr(model, "detector", model)
     if getattr(det, "roi_heads", None) is not None:
         set_detection_settings(det, score_thresh=0.0, nms_thresh=1.0, detections_per_img=detections)
-
-
-def precision_context(device: torch.device, precision: str, model: nn.Module | None = None):
-    """``fp32``: nothing; ``bf16-mask``: ``model``'s mask branch in bfloat16; ``bf16``:
-    autocast to bfloat16 on ``device`` (both opt-in)."""
-    return inference_precision(device, precision, model)
 
 
 def _ctlesion_call(model: nn.Module, task: str) -> Callable[[list[torch.Tensor]], object]:
@@ -239,7 +233,7 @@ def run_benchmark(models=DEFAULT_MODELS, *, device: str | torch.device = "cpu", 
         for round_ in range(warmup + repeats):
             timed_stock = set()
             for e in entries:
-                with _inference_modes(e.model, e.task, channels_last), precision_context(device, precision, e.model):
+                with _inference_modes(e.model, e.task, channels_last), inference_precision(device, precision, e.model):
                     t = _time(lambda: e.call(images), device)
                 if round_ >= warmup:
                     times[e.name].append(t)
@@ -271,7 +265,7 @@ def _detection_counts(entries, stocks, images, device, precision, memory_format)
     """Detections of the first image, to show the forced count held."""
     counts = {}
     for e in entries:
-        with _inference_modes(e.model, e.task, memory_format), precision_context(device, precision, e.model):
+        with _inference_modes(e.model, e.task, memory_format), inference_precision(device, precision, e.model):
             out = e.call(images)[0]
         det = out if e.task == "segmentation" else out[2]
         counts[e.name] = None if det is None else int(len(det["scores"]))
