@@ -8,7 +8,8 @@ Variants, each timed through ``ctlesion benchmark``'s own per-batch call (512²,
 masked detections, random weights): the path before the levers (mask branch on contiguous
 features, one RoI Align call), + the mask branch on channels-last features, + RoI Align in
 threads (= the default), and the default with the opt-in ``--precision bf16-mask`` and
-``--channels-last``. The "before" variants switch the levers off by patching
+``--channels-last``, and the default with ``--compile`` (``torch.compile`` of the backbone;
+compiled in the warm-up round). The "before" variants switch the levers off by patching
 ``ctlesion.models.rcnn_parts`` for the duration of their call, which is why this is a
 script and not a ``ctlesion benchmark`` option. Prints the medians and the median per-round
 ratio to stock; ``--json`` keeps them with the machine and load.
@@ -28,14 +29,16 @@ from ctlesion.engine import benchmark as bm
 from ctlesion.models.inference import inference_precision
 from ctlesion.registry import create_model, default_model_config, get_entry
 
-# name, RoI Align threads, mask branch channels-last, precision, channels-last weights
+# name, RoI Align threads, mask branch channels-last, precision, channels-last weights, compile
 VARIANTS = [
-    ("before (one RoI Align call, contiguous mask branch)", False, False, "fp32", False),
-    ("+ mask branch channels-last", False, True, "fp32", False),
-    ("+ RoI Align in threads (the default)", True, True, "fp32", False),
-    ("default + --precision bf16-mask", True, True, "bf16-mask", False),
-    ("default + --channels-last", True, True, "fp32", True),
-    ("default + --channels-last --precision bf16-mask", True, True, "bf16-mask", True),
+    ("before (one RoI Align call, contiguous mask branch)", False, False, "fp32", False, False),
+    ("+ mask branch channels-last", False, True, "fp32", False, False),
+    ("+ RoI Align in threads (the default)", True, True, "fp32", False, False),
+    ("default + --precision bf16-mask", True, True, "bf16-mask", False, False),
+    ("default + --channels-last", True, True, "fp32", True, False),
+    ("default + --channels-last --precision bf16-mask", True, True, "bf16-mask", True, False),
+    ("default + --compile", True, True, "fp32", False, True),
+    ("default + --compile --precision bf16-mask", True, True, "bf16-mask", False, True),
 ]
 
 
@@ -79,8 +82,8 @@ def bench_model(name: str, repeats: int, size: int, detections: int) -> dict:
             t = bm._time(lambda: stock(images), cpu)
             if round_:
                 stock_times.append(t)
-            for variant, threaded, mask_cl, precision, channels_last in VARIANTS:
-                with levers(threaded, mask_cl), bm._inference_modes(model, task, channels_last), \
+            for variant, threaded, mask_cl, precision, channels_last, compiled in VARIANTS:
+                with levers(threaded, mask_cl), bm._inference_modes(model, task, channels_last, compiled), \
                         inference_precision(cpu, precision, model):
                     t = bm._time(lambda: call(images), cpu)
                 if round_:

@@ -372,3 +372,117 @@ def test_mask_areas_count_the_pixels_of_each_mask(shape):
     assert torch.equal(mask_areas(masks.transpose(1, 2)), masks.transpose(1, 2).flatten(1).sum(1))
     with pytest.raises(ValueError, match="boolean"):
         mask_areas(masks.float())
+
+
+def _cxx_compiler():
+    import os
+    import shutil
+
+    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+
+
+@pytest.mark.skipif(_cxx_compiler() is None, reason="torch.compile (TorchInductor) needs a C++ compiler on the CPU")
+def test_predict_with_torch_compile_gives_the_eager_detections(tmp_path):
+    import json
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    from ctlesion.engine.api import predict_checkpoint
+    from ctlesion.engine.checkpoint import save_checkpoint
+    from ctlesion.experiment import experiment_from_dict
+
+    cfg = experiment_from_dict({"model": {"name": "maskrcnn-r18-s2", "detector": {
+        "box_score_thresh": 0.0, "box_nms_thresh": 1.0, "box_detections_per_img": 6}},
+        "data": {"format": "phantom", "size": 64}})
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "ck", create_model(cfg.model), cfg, epoch=0, step=0)
+    rng = np.random.default_rng(3)
+    inputs = []
+    for i in range(2):
+        Image.fromarray((rng.random((64, 64)) * 255).astype(np.uint8)).save(tmp_path / f"s{i}.png")
+        inputs.append(tmp_path / f"s{i}.png")
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    runs = {}
+    for compiled in (False, True):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            predict_checkpoint(ckpt, inputs, tmp_path / str(compiled), overlays="none", device="cpu",
+                               progress=False, torch_compile=compiled)
+        assert not [w for w in caught if "torch.compile" in str(w.message)]   # compiled, not the eager fallback
+        lines = (tmp_path / str(compiled) / "predictions.jsonl").read_text().splitlines()
+        runs[compiled] = [json.loads(line) for line in lines]
+    assert counters["stats"]["unique_graphs"] >= 1                       # Dynamo did capture the backbone
+    for eager, comp in zip(runs[False], runs[True]):
+        assert len(eager["scores"]) == len(comp["scores"]) == 6 and eager["labels"] == comp["labels"]
+        np.testing.assert_allclose(comp["boxes"], eager["boxes"], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(comp["scores"], eager["scores"], atol=1e-4, rtol=0)
+
+
+def test_compiled_backbone_swaps_in_and_out_and_keeps_one_wrapper(monkeypatch):
+    from ctlesion.models import inference
+
+    monkeypatch.setattr(torch, "compile", lambda module: module)        # no compiling here: the plumbing
+    model = _detector(detections=4)
+    backbone, keys, keys_params = model.backbone, list(model.state_dict()), list(model.parameters())
+    with inference.compiled_backbone(model) as m:
+        wrapper = m.backbone
+        assert isinstance(wrapper, inference.CompiledModule) and wrapper.module is backbone
+        assert len(list(model.parameters())) == len(keys_params)          # nothing listed twice
+    assert model.backbone is backbone and list(model.state_dict()) == keys
+    assert getattr(model, inference.COMPILED_ATTR) is wrapper
+    with inference.compiled_backbone(model):
+        assert model.backbone is wrapper                                  # compiled once, reused
+    with inference.compiled_backbone(model, enabled=False):
+        assert model.backbone is backbone
+    other = torch.nn.Linear(2, 2)                                         # no backbone: left alone
+    with inference.compiled_backbone(other) as m:
+        assert m is other
+
+
+def test_a_failed_compile_warns_once_and_runs_eagerly():
+    from ctlesion.models.inference import CompiledModule
+
+    module = torch.nn.Conv2d(1, 2, 3)
+    wrapped = CompiledModule(module)
+
+    def broken(*args):
+        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found\nmore detail")
+
+    wrapped._compiled = broken
+    x = torch.rand(1, 1, 8, 8)
+    with pytest.warns(RuntimeWarning, match=r"torch.compile of the backbone failed \(RuntimeError: InvalidCxxCompiler"):
+        out = wrapped(x)
+    assert torch.equal(out, module(x)) and "more detail" not in wrapped.failure
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(wrapped(x), module(x))                        # no second warning
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "benchmark"])
+def test_compile_is_an_opt_in_flag_of_predict_evaluate_and_benchmark(command, monkeypatch):
+    from ctlesion import cli
+    from ctlesion.engine import api, benchmark
+
+    seen = {}
+
+    def capture(*args, **kwargs):
+        seen.update(kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(api, "predict_checkpoint", capture)
+    monkeypatch.setattr(api, "evaluate_checkpoint", capture)
+    monkeypatch.setattr(benchmark, "run_benchmark", capture)
+    args = {"predict": ["predict", "--model", "lesion-semiseg-r18", "x.png", "--out", "o"],
+            "evaluate": ["evaluate", "--model", "lesion-semiseg-r18", "--data", "phantom:4", "--out", "o"],
+            "benchmark": ["benchmark", "--models", "maskrcnn-r18-s2"]}[command]
+    for flags, expected in (([], False), (["--compile"], True)):
+        seen.clear()
+        with pytest.raises(SystemExit):
+            cli.main(args + flags)
+        assert seen["torch_compile"] is expected

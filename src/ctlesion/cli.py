@@ -153,7 +153,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         size=args.size, window=args.window, score_thresh=args.score_thresh, nms_thresh=args.nms_thresh,
         max_detections=args.max_detections, f1_weights=_f1_weights(args.f1_weights), overlays=args.overlays,
         device=args.device, progress=not args.quiet, precision=args.precision,
-        channels_last=args.channels_last)
+        channels_last=args.channels_last, torch_compile=args.compile)
     (_print_segmentation if metrics["task"] == "segmentation" else _print_classification)(metrics, Path(args.out))
     return 0
 
@@ -188,7 +188,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         overlays=args.overlays, volume_outputs=_volume_outputs(args), aggregate=args.aggregate,
         min_abnormal_fraction=args.min_abnormal_fraction, device=args.device, progress=not args.quiet,
         skip_existing=args.skip_existing, batch_size=args.batch_size, precision=args.precision,
-        channels_last=args.channels_last)
+        channels_last=args.channels_last, torch_compile=args.compile)
     if summary.skipped:
         print(f"skipped {len(summary.skipped)} volumes already done (--skip-existing): "
               f"{', '.join(summary.skipped[:5])}{' ...' if len(summary.skipped) > 5 else ''}")
@@ -266,6 +266,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         result = bench.run_benchmark(models, device=args.device, threads=args.threads, batch=args.batch,
                                      detections=args.detections, repeats=args.repeats, warmup=args.warmup,
                                      size=args.size, precision=args.precision, channels_last=args.channels_last,
+                                     torch_compile=args.compile,
                                      progress=not args.quiet)
         print(bench.format_table(result))
     if args.volume is not None or args.volume_only:
@@ -273,7 +274,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         volume = bench.volume_benchmark(args.volume_model, series=series, num_slices=args.volume_slices,
                                         size=args.size, detections=args.detections, device=args.device,
                                         threads=args.threads, repeats=args.volume_repeats, precision=args.precision,
-                                        channels_last=args.channels_last,
+                                        channels_last=args.channels_last, torch_compile=args.compile,
                                         progress=not args.quiet)
         print(bench.format_volume(volume))
         result["volume"] = volume
@@ -302,6 +303,8 @@ def _add_benchmark_parser(sub) -> None:
                    help="ctlesion models' precision (opt-in bf16-mask: the mask branch in bfloat16; "
                         "bf16: autocast over the whole forward); stock runs in float32")
     p.add_argument("--channels-last", action="store_true", help="ctlesion models with channels-last weights (opt-in)")
+    p.add_argument("--compile", action="store_true",
+                   help="ctlesion models with torch.compile on the backbone (opt-in; the warm-up includes compiling)")
     p.add_argument("--volume", nargs="?", const="synthetic", default=None, metavar="SERIES",
                    help="also time `predict` end to end on a DICOM series (default: a synthetic one written here)")
     p.add_argument("--volume-only", action="store_true", help="only the volume benchmark")
@@ -383,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "forward (experimental: re-ranks low-score detections; see docs/benchmarks.md)")
         p.add_argument("--channels-last", action="store_true",
                        help="channels-last weights (opt-in, faster convolutions; last-bit rounding changes)")
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile the backbone (opt-in: ~20 s to compile at the first slice, then "
+                            "faster convolutions; float rounding changes; needs a C++ compiler, else a "
+                            "warning and eager)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     def model_options(p: argparse.ArgumentParser) -> None:

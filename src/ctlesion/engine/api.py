@@ -23,7 +23,7 @@ from ..data.datasets import VolumeDataset
 from ..data.factory import build_dataset, parse_data_spec
 from ..errors import ConfigError
 from ..models.inference import channels_last as channels_last_weights
-from ..models.inference import inference_precision
+from ..models.inference import compiled_backbone, inference_precision
 from ..viz import save_overlay
 from .builtin_weights import resolve_checkpoint
 from .checkpoint import load_checkpoint
@@ -77,7 +77,7 @@ def evaluate_checkpoint(
     min_area: int | None = None, size: int | None = None, window: str | None = None,
     score_thresh: float | None = None, nms_thresh: float | None = None, max_detections: int | None = None,
     f1_weights=None, overlays: int = 8, device: str = "auto", progress: bool = True, title: str | None = None,
-    precision: str = "fp32", channels_last: bool = False,
+    precision: str = "fp32", channels_last: bool = False, torch_compile: bool = False,
 ) -> dict:
     """Score ``checkpoint`` on ``data`` (a ``--data`` string, or a :class:`DataConfig` used as
     it is) and write the outputs to ``out``.
@@ -88,7 +88,8 @@ def evaluate_checkpoint(
     segmentation branch on ``seg_data``; ``title`` heads the confusion matrix (``{n}``: the
     slice count). ``precision``: ``fp32``, opt-in ``bf16-mask`` (the mask branch in bfloat16) or
     ``bf16`` (autocast over the whole forward); ``channels_last``: opt-in channels-last
-    weights (faster convolutions, last-bit rounding changes). Returns
+    weights (faster convolutions, last-bit rounding changes); ``torch_compile``: opt-in
+    ``torch.compile`` of the backbone (compiles at the first slice; rounding changes). Returns
     the metrics (with ``task``). ``checkpoint`` is a folder or a built-in model name
     (verified against its SHA-256).
     """
@@ -97,17 +98,18 @@ def evaluate_checkpoint(
                                    size=size, window=window, score_thresh=score_thresh, nms_thresh=nms_thresh,
                                    max_detections=max_detections, f1_weights=f1_weights, overlays=overlays,
                                    dev=dev, progress=progress, title=title, channels_last=channels_last,
-                                   precision=precision)
-    if precision != "fp32" or channels_last:
-        metrics["speed_options"] = {"precision": precision, "channels_last": channels_last}
+                                   precision=precision, torch_compile=torch_compile)
+    if precision != "fp32" or channels_last or torch_compile:
+        metrics["speed_options"] = {"precision": precision, "channels_last": channels_last,
+                                    "torch_compile": torch_compile}
     return metrics
 
 
 def _evaluate_checkpoint(checkpoint, data, out, *, seg_data, split, min_area, size, window, score_thresh,
                          nms_thresh, max_detections, f1_weights, overlays, dev, progress, title,
-                         channels_last=False, precision="fp32") -> dict:
+                         channels_last=False, precision="fp32", torch_compile=False) -> dict:
     model, cfg, meta = load_checkpoint(resolve_checkpoint(checkpoint))
-    with _speed_options(model, dev, precision, channels_last):
+    with _speed_options(model, dev, precision, channels_last, torch_compile):
         return _evaluate_model(model, cfg, meta, checkpoint, data, out, seg_data=seg_data, split=split,
                                min_area=min_area, size=size, window=window, score_thresh=score_thresh,
                                nms_thresh=nms_thresh, max_detections=max_detections, f1_weights=f1_weights,
@@ -115,15 +117,12 @@ def _evaluate_checkpoint(checkpoint, data, out, *, seg_data, split, min_area, si
 
 
 @contextlib.contextmanager
-def _speed_options(model, device, precision: str, channels_last: bool):
+def _speed_options(model, device, precision: str, channels_last: bool, torch_compile: bool = False):
     """The opt-in inference levers around a loaded model: precision (``fp32``,
-    ``bf16-mask``, ``bf16``) and channels-last weights."""
-    with inference_precision(device, precision, model):
-        if not channels_last:
-            yield
-            return
-        with channels_last_weights(model):
-            yield
+    ``bf16-mask``, ``bf16``), channels-last weights and ``torch.compile`` of the backbone."""
+    layout = channels_last_weights(model) if channels_last else contextlib.nullcontext()
+    with inference_precision(device, precision, model), layout, compiled_backbone(model, torch_compile):
+        yield
 
 
 def _evaluate_model(model, cfg, meta, checkpoint, data, out, *, seg_data, split, min_area, size, window,
@@ -186,7 +185,7 @@ def predict_checkpoint(
     size: int | None = None, score_thresh: float | None = None, overlays: str = "all", volume_outputs=None,
     aggregate: str = "abnormal_fraction", min_abnormal_fraction: float = 0.1, device: str = "auto",
     progress: bool = True, skip_existing: bool = False, batch_size: int = 1, precision: str = "fp32",
-    channels_last: bool = False,
+    channels_last: bool = False, torch_compile: bool = False,
 ):
     """Run ``checkpoint`` on PNG/JPG slices, DICOM files or series and NIfTI volumes; outputs
     in ``out`` (see ``ctlesion predict``). The window is the inputs' own (``auto``) unless
@@ -198,12 +197,12 @@ def predict_checkpoint(
     Returns the summary
     (:class:`~ctlesion.engine.predict.PredictSummary` for detectors,
     :class:`~ctlesion.engine.predict_classifier.ClassifyPredictSummary` for classifiers).
-    ``precision`` and ``channels_last``: opt-in speed levers (see
+    ``precision``, ``channels_last`` and ``torch_compile``: opt-in speed levers (see
     :func:`evaluate_checkpoint`). ``checkpoint`` is a folder or a
     built-in model name (verified against its SHA-256)."""
     checkpoint = resolve_checkpoint(checkpoint)
     model, cfg, meta = load_checkpoint(checkpoint)
-    with _speed_options(model, resolve_device(device), precision, channels_last):
+    with _speed_options(model, resolve_device(device), precision, channels_last, torch_compile):
         return _predict_model(model, cfg, meta, checkpoint, inputs, out, window=window, size=size,
                               score_thresh=score_thresh, overlays=overlays, volume_outputs=volume_outputs,
                               aggregate=aggregate, min_abnormal_fraction=min_abnormal_fraction, device=device,

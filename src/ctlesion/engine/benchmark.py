@@ -148,18 +148,18 @@ def _ctlesion_call(model: nn.Module, task: str) -> Callable[[list[torch.Tensor]]
 
 
 @contextlib.contextmanager
-def _inference_modes(model: nn.Module, task: str, memory_format: bool = False):
-    from ..models.inference import channels_last
+def _inference_modes(model: nn.Module, task: str, memory_format: bool = False, compiled: bool = False):
+    from ..models.inference import channels_last, compiled_backbone
     from ..models.rcnn_parts import binary_masks
 
     layout = channels_last(model) if memory_format else contextlib.nullcontext()
     if task == "segmentation":
-        with layout:
+        with layout, compiled_backbone(model, compiled):
             yield
         return
     model.padding_generator = torch.Generator().manual_seed(0)
     try:
-        with model.inference("eval"), binary_masks(model, 0.5), layout:
+        with model.inference("eval"), binary_masks(model, 0.5), layout, compiled_backbone(model, compiled):
             yield
     finally:
         model.padding_generator = None
@@ -196,13 +196,14 @@ class _Entry:
 
 def run_benchmark(models=DEFAULT_MODELS, *, device: str | torch.device = "cpu", threads: int | None = None,
                   batch: int = 1, detections: int = 128, repeats: int = 5, warmup: int = 1, size: int = 512,
-                  precision: str = "fp32", channels_last: bool = False, progress: bool = True,
-                  seed: int = 0) -> dict:
+                  precision: str = "fp32", channels_last: bool = False, torch_compile: bool = False,
+                  progress: bool = True, seed: int = 0) -> dict:
     """Time every model and its stock reference, interleaved; returns the JSON-ready result.
 
     ``detections`` 0 keeps every model's own thresholds (random weights: arbitrary counts).
-    ``precision`` and ``channels_last`` (opt-in) apply to the ctlesion models only; stock
-    runs in float32, contiguous.
+    ``precision``, ``channels_last`` and ``torch_compile`` (opt-in) apply to the ctlesion
+    models only; stock runs in float32, contiguous, eager. With ``torch_compile`` the
+    warm-up rounds include the compilation (``compile_s`` in the rows: the first call's time).
     """
     device = torch.device(device)
     if threads:
@@ -228,13 +229,17 @@ def run_benchmark(models=DEFAULT_MODELS, *, device: str | torch.device = "cpu", 
     times = {e.name: [] for e in entries}
     stock_times = {n: [] for n in stocks}
     counts: dict[str, int] = {}
+    first: dict[str, float] = {}
     log = print if progress else (lambda *a, **k: None)
     with torch.inference_mode():
         for round_ in range(warmup + repeats):
             timed_stock = set()
             for e in entries:
-                with _inference_modes(e.model, e.task, channels_last), inference_precision(device, precision, e.model):
+                with _inference_modes(e.model, e.task, channels_last, torch_compile), \
+                        inference_precision(device, precision, e.model):
                     t = _time(lambda: e.call(images), device)
+                if round_ == 0:
+                    first[e.name] = t
                 if round_ >= warmup:
                     times[e.name].append(t)
                 if e.stock not in timed_stock:
@@ -245,7 +250,7 @@ def run_benchmark(models=DEFAULT_MODELS, *, device: str | torch.device = "cpu", 
                 log(f"round {round_ + 1}/{warmup + repeats} {e.name}: {1000 * t / batch:.0f} ms/slice"
                     + ("" if round_ >= warmup else " (warm-up)"), flush=True)
             if round_ == 0:
-                counts = _detection_counts(entries, stocks, images, device, precision, channels_last)
+                counts = _detection_counts(entries, stocks, images, device, precision, channels_last, torch_compile)
     rows = []
     for e in entries:
         paired = [a / b for a, b in zip(times[e.name], stock_times[e.stock])]
@@ -253,19 +258,20 @@ def run_benchmark(models=DEFAULT_MODELS, *, device: str | torch.device = "cpu", 
         rows.append({"model": e.name, "task": e.task, "stock": e.stock, "ctlesion": ours, "stock_time": ref,
                      "ratio": round(statistics.median(paired), 3),
                      "ratio_of_medians": round(ours["median_ms"] / ref["median_ms"], 3),
-                     "detections": counts.get(e.name), "stock_detections": counts.get(e.stock)})
+                     "detections": counts.get(e.name), "stock_detections": counts.get(e.stock),
+                     **({"compile_s": round(first[e.name], 1)} if torch_compile else {})})
     info["loadavg_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return {"machine": info, "settings": {"batch": batch, "detections": detections, "repeats": repeats,
                                           "warmup": warmup, "size": size, "precision": precision,
-                                          "channels_last": channels_last,
+                                          "channels_last": channels_last, "torch_compile": torch_compile,
                                           "models": list(models)}, "rows": rows}
 
 
-def _detection_counts(entries, stocks, images, device, precision, memory_format) -> dict[str, int]:
+def _detection_counts(entries, stocks, images, device, precision, memory_format, compiled) -> dict[str, int]:
     """Detections of the first image, to show the forced count held."""
     counts = {}
     for e in entries:
-        with _inference_modes(e.model, e.task, memory_format), inference_precision(device, precision, e.model):
+        with _inference_modes(e.model, e.task, memory_format, compiled), inference_precision(device, precision, e.model):
             out = e.call(images)[0]
         det = out if e.task == "segmentation" else out[2]
         counts[e.name] = None if det is None else int(len(det["scores"]))
@@ -280,7 +286,8 @@ def format_table(result: dict) -> str:
     lines = [f"torch {m['torch']}, torchvision {m['torchvision']}, {m['cpu']}, {m['threads']} threads, "
              f"device {m['device']}, load {m['loadavg']} -> {m.get('loadavg_after')}",
              f"{s['size']}x{s['size']}, batch {s['batch']}, detections {s['detections'] or 'as configured'}, "
-             f"{s['precision']}{', channels-last' if s.get('channels_last') else ''}, {s['repeats']} repeats after {s['warmup']} warm-up",
+             f"{s['precision']}{', channels-last' if s.get('channels_last') else ''}"
+             f"{', torch.compile' if s.get('torch_compile') else ''}, {s['repeats']} repeats after {s['warmup']} warm-up",
              f"{'model':<22} {'median':>8} {'min':>8} {'max':>8} {'sl/s':>7} {'stock med':>9} {'ratio':>6}  "
              f"dets  stock reference"]
     for r in result["rows"]:
@@ -345,7 +352,8 @@ def _benchmark_checkpoint(name: str, folder: Path, detections: int) -> Path:
 def volume_benchmark(model_name: str = "ssm-2branch-r18-s3", *, series: str | Path | None = None,
                      num_slices: int = 30, size: int = 512, detections: int = 128, device: str = "cpu",
                      threads: int | None = None, repeats: int = 1, precision: str = "fp32",
-                     channels_last: bool = False, work_dir: str | Path | None = None, progress: bool = True) -> dict:
+                     channels_last: bool = False, torch_compile: bool = False, work_dir: str | Path | None = None,
+                     progress: bool = True) -> dict:
     """``predict`` end to end on a DICOM series (written here unless ``series`` is given):
     seconds per volume and slices/s, against the stock reference's detection-only time over
     the same slices held in memory (interleaved: predict, stock, predict, ...)."""
@@ -374,7 +382,7 @@ def volume_benchmark(model_name: str = "ssm-2branch-r18-s3", *, series: str | Pa
             t = time.perf_counter()
             summary = predict_checkpoint(checkpoint, [series], tmp / f"out{r}", overlays="none",
                                          volume_outputs=None, device=str(dev), progress=False, precision=precision,
-                                         channels_last=channels_last)
+                                         channels_last=channels_last, torch_compile=torch_compile)
             predict_s.append(time.perf_counter() - t)
             with torch.inference_mode():
                 total = 0.0
@@ -391,7 +399,7 @@ def volume_benchmark(model_name: str = "ssm-2branch-r18-s3", *, series: str | Pa
     info["loadavg_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return {"machine": info, "settings": {"model": model_name, "slices": n, "size": size, "detections": detections,
                                           "precision": precision, "channels_last": channels_last,
-                                          "repeats": repeats, "series": "synthetic" if series is None or str(series).startswith(str(tmp))
+                                          "torch_compile": torch_compile, "repeats": repeats, "series": "synthetic" if series is None or str(series).startswith(str(tmp))
                                           else str(series)},
             "predict_s": round(p, 2), "predict_runs_s": [round(v, 2) for v in predict_s],
             "predict_slices_per_s": round(n / p, 3), "stock": stock_name, "stock_detection_only_s": round(s, 2),

@@ -8,11 +8,15 @@
   branch in bfloat16: boxes, scores, labels and class logits stay float32 and unchanged, the
   masks change by rounding) or opt-in ``bf16`` (autocast over the whole forward: re-ranks the
   low-score detections, experimental).
+* :func:`compiled_backbone`: opt-in ``torch.compile`` of the convolutional backbone (the
+  one stage of a fixed shape per slice size; compiled once per model and kept), falling back
+  to eager with a warning where compilation fails.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator
 
 import torch
@@ -22,7 +26,7 @@ from ..config import INFERENCE_PRECISIONS
 from ..errors import ConfigError
 from .rcnn_parts import mask_branch_precision
 
-__all__ = ["PRECISIONS", "channels_last", "inference_precision"]
+__all__ = ["COMPILED_ATTR", "PRECISIONS", "CompiledModule", "channels_last", "compiled_backbone", "inference_precision"]
 
 PRECISIONS = INFERENCE_PRECISIONS
 
@@ -56,3 +60,60 @@ def inference_precision(device: torch.device | str, precision: str = "fp32", mod
             raise ValueError("precision 'bf16-mask' needs the model whose mask branch it changes")
         return mask_branch_precision(model, torch.bfloat16)
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+class CompiledModule(nn.Module):
+    """``module`` run through ``torch.compile`` (TorchInductor), compiled at the first call.
+
+    If compiling or running the compiled code raises (no C++ compiler, an op Inductor does
+    not lower), the error is given once as a warning naming it, and ``module`` runs eagerly
+    from then on: a genuine error in the module itself then surfaces from the eager call.
+    Holds no parameters of its own besides ``module``'s (the compiled callable is not a
+    submodule, so they are not listed twice).
+    """
+
+    def __init__(self, module: nn.Module, what: str = "backbone") -> None:
+        super().__init__()
+        self.module = module
+        self.what = what
+        object.__setattr__(self, "_compiled", torch.compile(module))
+        self.failure: str | None = None
+
+    def forward(self, *args, **kwargs):
+        if self.failure is None:
+            try:
+                return self._compiled(*args, **kwargs)
+            except Exception as err:        # noqa: BLE001 - any compile failure falls back to eager
+                self.failure = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+                warnings.warn(f"torch.compile of the {self.what} failed ({self.failure}); running it eagerly",
+                              RuntimeWarning, stacklevel=2)
+        return self.module(*args, **kwargs)
+
+
+# The compiled wrapper is kept on the model (not as a submodule: the state dict stays the
+# model's own), so the next block (the next predict call, benchmark round) reuses its code.
+COMPILED_ATTR = "_ctlesion_compiled_backbone"
+
+
+@contextlib.contextmanager
+def compiled_backbone(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+    """Within the block, the backbone of ``model`` (an R-CNN's ``backbone``, or that of the
+    ``detector`` it holds) runs through ``torch.compile``: convolutions with batch norm,
+    ReLU and the residual additions fused (outputs change by float32 rounding, ~1e-5 on the
+    features; ``docs/benchmarks.md``). The first forward per input shape compiles (seconds
+    to a minute on a CPU). Models without such a backbone, or ``enabled=False``, are left as
+    they are. The state dict is the model's own again after the block."""
+    holder = getattr(model, "detector", model)
+    backbone = getattr(holder, "backbone", None)
+    if not enabled or not isinstance(backbone, nn.Module) or isinstance(backbone, CompiledModule):
+        yield model
+        return
+    wrapper = holder.__dict__.get(COMPILED_ATTR)
+    if wrapper is None or wrapper.module is not backbone:
+        wrapper = CompiledModule(backbone)
+        object.__setattr__(holder, COMPILED_ATTR, wrapper)
+    holder.backbone = wrapper
+    try:
+        yield model
+    finally:
+        holder.backbone = backbone
