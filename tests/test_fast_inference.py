@@ -8,9 +8,11 @@ import pytest
 import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from ctlesion.engine.evaluate import compact_prediction, detect_batch
+from ctlesion.engine.evaluate import compact_prediction, detect_batch, mask_areas
 from ctlesion.models.maskrcnn import set_detection_settings
-from ctlesion.models.rcnn_parts import binary_masks, logit_mask_scores, paste_masks_binary
+from ctlesion.models.rcnn_parts import (
+    binary_masks, logit_mask_scores, paste_masks_binary, paste_masks_binary_with_areas,
+)
 from ctlesion.registry import create_model, default_model_config
 
 
@@ -51,6 +53,10 @@ def test_binary_paste_equals_stock_paste_then_threshold(threshold):
     fast = paste_masks_binary(masks, boxes, (64, 60), threshold)
     assert fast.dtype == torch.bool and fast.shape == stock.shape == (40, 1, 64, 60)
     assert torch.equal(fast, stock)
+    again, areas = paste_masks_binary_with_areas(masks, boxes, (64, 60), threshold)
+    assert torch.equal(again, fast) and areas.dtype == torch.int64
+    assert torch.equal(areas, stock[:, 0].flatten(1).sum(1))          # counted while pasting
+    assert areas[1] > 0                                               # the whole-image box
 
 
 @pytest.mark.parametrize("logit_threshold", [0.5, 0.0, -0.5])
@@ -62,6 +68,8 @@ def test_binary_paste_of_logits_equals_the_ctm_logit_pasting(logit_threshold):
     stock = logit_mask_scores(pasted, logit_threshold) > 0.5
     fast = paste_masks_binary(logits, boxes, (48, 48), 0.5, logit_threshold=logit_threshold)
     assert torch.equal(fast, stock)
+    _, areas = paste_masks_binary_with_areas(logits, boxes, (48, 48), 0.5, logit_threshold=logit_threshold)
+    assert torch.equal(areas, stock[:, 0].flatten(1).sum(1))          # background counted where it is True
     if logit_threshold < 0:       # outside every box the pasted logit 0 is above the threshold
         assert fast[0, 0, 47, 0]
 
@@ -69,6 +77,18 @@ def test_binary_paste_of_logits_equals_the_ctm_logit_pasting(logit_threshold):
 def test_binary_paste_of_no_detections():
     out = paste_masks_binary(torch.zeros((0, 1, 28, 28)), torch.zeros((0, 4)), (32, 32), 0.5)
     assert out.shape == (0, 1, 32, 32) and out.dtype == torch.bool
+    _, areas = paste_masks_binary_with_areas(torch.zeros((0, 1, 28, 28)), torch.zeros((0, 4)), (32, 32), 0.5)
+    assert areas.shape == (0,) and areas.dtype == torch.int64
+
+
+def test_binary_paste_counts_a_box_outside_the_image():
+    masks = torch.ones((2, 1, 28, 28))
+    boxes = torch.tensor([[100.0, 100.0, 120.0, 120.0], [0.0, 0.0, 7.0, 7.0]])
+    for logit_threshold, outside in ((None, 0), (-0.5, 32 * 32)):     # background False / True
+        frames, areas = paste_masks_binary_with_areas(masks if logit_threshold is None else -masks, boxes,
+                                                      (32, 32), 0.5, logit_threshold=logit_threshold)
+        assert areas[0] == outside
+        assert torch.equal(areas, frames[:, 0].flatten(1).sum(1))
 
 
 def _assert_same_detections(fast, stock, mask_thresh=0.5):
@@ -90,6 +110,7 @@ def test_detect_batch_gives_the_stock_detections(mask_paste):
         fast = detect_batch(model, images, 0.5)
     for f, s in zip(fast, stock):
         _assert_same_detections(f, s)
+        assert torch.equal(f["mask_areas"], mask_areas(f["masks"]))      # counted while pasting
     assert model.transform.binary_mask_threshold is None             # restored
     assert model.backbone.body.conv1.weight.is_contiguous()          # layout restored
 

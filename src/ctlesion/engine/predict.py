@@ -44,7 +44,9 @@ class PredictSummary:
 
 def prediction_record(sample: Sample, pred: dict[str, torch.Tensor], class_names: tuple[str, ...]) -> dict:
     """One JSON line: where the slice came from and what was found on it."""
-    areas_px = mask_areas(pred["masks"]).tolist() if len(pred["masks"]) else []
+    # The fast path counted the pixels while pasting (``mask_areas``); otherwise count them here.
+    areas = pred.get("mask_areas")
+    areas_px = (areas if areas is not None else mask_areas(pred["masks"])).tolist() if len(pred["masks"]) else []
     if sample.spacing is not None:
         pixel_mm2 = float(sample.spacing[0]) * float(sample.spacing[1])
         areas_mm2 = [round(a * pixel_mm2, 3) for a in areas_px]

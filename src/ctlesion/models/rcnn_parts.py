@@ -25,7 +25,8 @@ tail from box-head outputs a caller already has (the joint models' classificatio
 pools and scores the same proposals), and :func:`binary_masks` makes
 :class:`LesionTransform` paste masks straight into boolean frames
 (:func:`paste_masks_binary`: the stock values, thresholded box by box, without a float
-``[K, H, W]`` image per detection), runs the mask branch on channels-last features and
+``[K, H, W]`` image per detection; ``mask_areas``, the pixel count of each, is counted on
+the way), runs the mask branch on channels-last features and
 RoI Align in threads (:class:`ThreadedRoIAlign`); :func:`mask_branch_precision` puts only
 the mask branch in bfloat16 (opt-in).
 """
@@ -48,7 +49,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import boxes as box_ops
 
 __all__ = ["LesionRPN", "LesionRoIHeads", "LesionTransform", "DETECTION_FILTERS", "keep_detections",
-           "paste_masks_binary", "binary_masks", "mask_branch_precision", "ThreadedRoIAlign"]
+           "paste_masks_binary", "paste_masks_binary_with_areas", "binary_masks", "mask_branch_precision", "ThreadedRoIAlign"]
 
 DETECTION_FILTERS = ("min_side", "positive_area", "none")
 TORCHVISION_RPN_MIN_SIZE = 1e-3
@@ -272,10 +273,10 @@ class LesionTransform(GeneralizedRCNNTransform):
             return result
         for pred, size, probs in zip(result, original_image_sizes, local):
             if binary is not None and probs is not None:
-                pred["masks"] = paste_masks_binary(probs, pred["boxes"], size, binary)
+                pred["masks"], pred["mask_areas"] = paste_masks_binary_with_areas(probs, pred["boxes"], size, binary)
             elif binary is not None and "mask_logits" in pred:
-                pred["masks"] = paste_masks_binary(pred.pop("mask_logits"), pred["boxes"], size, binary,
-                                                   logit_threshold=self.mask_logit_threshold)
+                pred["masks"], pred["mask_areas"] = paste_masks_binary_with_areas(
+                    pred.pop("mask_logits"), pred["boxes"], size, binary, logit_threshold=self.mask_logit_threshold)
             elif "mask_logits" in pred:
                 pasted = paste_masks_in_image(pred.pop("mask_logits"), pred["boxes"], size)
                 pred["masks"] = logit_mask_scores(pasted, self.mask_logit_threshold)
@@ -301,23 +302,38 @@ def paste_masks_binary(masks: Tensor, boxes: Tensor, image_size: tuple[int, int]
     code's logit pasting), but each mask is compared inside its own box and written as
     booleans: no float frame per detection, one host sync for all boxes.
     """
+    return paste_masks_binary_with_areas(masks, boxes, image_size, threshold, logit_threshold=logit_threshold,
+                                         padding=padding)[0]
+
+
+def paste_masks_binary_with_areas(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float, *,
+                                  logit_threshold: float | None = None, padding: int = 1) -> tuple[Tensor, Tensor]:
+    """:func:`paste_masks_binary` and the pixel count of each pasted frame (int64 ``[K]``),
+    counted inside each box while pasting (the frame outside the box is all background),
+    so nothing has to sum the ``K`` full frames again."""
     height, width = image_size
     padded, scale = expand_masks(masks, padding=padding)
     int_boxes = expand_boxes(boxes, scale).to(dtype=torch.int64).tolist()
     zero = masks.new_zeros(())
     background = bool((logit_mask_scores(zero, logit_threshold) if logit_threshold is not None else zero) > threshold)
     out = torch.full((len(masks), height, width), background, dtype=torch.bool, device=masks.device)
+    counts = []
     for mask, (x0b, y0b, x1b, y1b), frame in zip(padded, int_boxes, out):
         w, h = max(x1b - x0b + 1, 1), max(y1b - y0b + 1, 1)
         resized = F.interpolate(mask[0].expand((1, 1, -1, -1)), size=(h, w), mode="bilinear", align_corners=False)[0][0]
         x0, x1, y0, y1 = max(x0b, 0), min(x1b + 1, width), max(y0b, 0), min(y1b + 1, height)
         if x1 <= x0 or y1 <= y0:
+            counts.append(out.new_full((), height * width if background else 0, dtype=torch.int64))
             continue
         region = resized[y0 - y0b:y1 - y0b, x0 - x0b:x1 - x0b]
         if logit_threshold is not None:
             region = logit_mask_scores(region, logit_threshold)
-        frame[y0:y1, x0:x1] = region > threshold
-    return out[:, None]
+        inside = region > threshold
+        frame[y0:y1, x0:x1] = inside
+        outside = height * width - inside.numel() if background else 0
+        counts.append(inside.sum() + outside)
+    areas = torch.stack(counts) if counts else torch.zeros(0, dtype=torch.int64, device=masks.device)
+    return out[:, None], areas
 
 
 # RoI Align parts smaller than this are not worth a thread hand-off.
@@ -389,7 +405,7 @@ def binary_masks(model, threshold: float) -> Iterator[None]:
     """The inference fast path. Within the block, the eval ``masks`` of ``model`` (a Mask
     R-CNN with a :class:`LesionTransform`, or a model holding one as ``detector``) are
     boolean ``[K, 1, H, W]``: the pasted masks ``> threshold``, pasted box by box
-    (:func:`paste_masks_binary`), and the mask branch runs on channels-last features
+    (:func:`paste_masks_binary`), with their pixel counts as ``mask_areas`` (int64 ``[K]``), and the mask branch runs on channels-last features
     (:meth:`LesionRoIHeads.mask_logits`: oneDNN's faster convolution layout; mask logits
     change by rounding, ~1e-5, boxes, scores and labels not at all), and RoI Align runs in
     ``torch.get_num_threads()`` threads (:class:`ThreadedRoIAlign`, bitwise the same).
