@@ -7,8 +7,18 @@ interleaved step by step in one process (``docs/benchmarks.md``).
 Each step: forward in train mode on ``--batch`` random slices with two square lesions each
 (class 1), the sum of the losses, backward, SGD. Random weights; the first step of
 each model is a warm-up. Prints images/s (median over steps) and the ratio ctlesion / stock
-of step times. The joint models' classification step has no stock counterpart and is not
-timed here.
+of step times.
+
+``--joint``: a joint model's whole training iteration as ``ctlesion train`` runs it
+(:class:`~ctlesion.engine.steps.ClassificationStep`: a segmentation step on one phantom
+slice with lesions, the copy rule, then the classification step on ``--batch`` phantom slices, Adam),
+timed for each of ``--batches`` classification batch sizes, each against the stock Mask
+R-CNN's segmentation step on one slice (stock has no classification step)::
+
+    python scripts/bench_train.py --joint --model ssm-2branch-r18-s3 --batches 1,2,4 --steps 5 --threads 2
+
+``--roi-align-backward torchvision`` times the model with torchvision's own RoI Align
+gradient instead of the default separable one (``ctlesion.models.roi_align_grad``).
 """
 
 from __future__ import annotations
@@ -50,6 +60,51 @@ def step(model, optimizer, images, targets) -> float:
     return time.perf_counter() - start
 
 
+def joint_iterations(name: str, size: int, batches: list[int], steps: int, roi_align_backward: str) -> None:
+    """Time ``ClassificationStep.run`` (segmentation step + copy rule + classification step)
+    for each classification batch size, interleaved with stock's one-slice segmentation step."""
+    from ctlesion.data.factory import build_dataset
+    from ctlesion.engine.distributed import World
+    from ctlesion.engine.steps import ClassificationStep, Updater, resolve_auto_settings
+    from ctlesion.experiment import experiment_from_dict
+
+    cpu = torch.device("cpu")
+    rows = []
+    for b in batches:
+        cfg = experiment_from_dict({"train": {"batch_size": b},
+                                    "data": {"format": "phantom", "num_samples": 16, "size": size}})
+        cfg.model = default_model_config(name)
+        cfg.model.detector.roi_align_backward = roi_align_backward
+        resolve_auto_settings(cfg)
+        torch.manual_seed(0)
+        model = create_model(cfg.model)
+        data = build_dataset(cfg.data, cfg.model.detector.mask_type)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+        lesions = [x for x in data if len(x.target["boxes"])]      # every iteration makes a segmentation update
+        joint = ClassificationStep(model, Updater(model, optimizer, cfg, cpu, World()), cfg, cpu, seg_dataset=lesions)
+        stock_name, stock = stock_reference(cfg.model)
+        stock.train()
+        stock_opt = torch.optim.SGD(stock.parameters(), lr=1e-4)
+        ours, ref, segs = [], [], 0
+        for s in range(steps + 1):
+            samples = [data[(s * b + i) % len(data)] for i in range(b)]
+            start = time.perf_counter()
+            record = joint.run(samples, s, steps + 1, 0, s)
+            t = time.perf_counter() - start
+            images, targets = batch(size, 1, s)
+            t_stock = step(stock, stock_opt, images, targets)
+            if s:
+                ours.append(t)
+                ref.append(t_stock)
+                segs += "seg_loss" in record
+        med, med_ref = statistics.median(ours), statistics.median(ref)
+        rows.append((b, med, med_ref, segs))
+        print(f"{name} joint iteration, classification batch {b}: {1000 * med:.0f} ms "
+              f"({b / med:.2f} classification images/s, {(b + 1) / med:.2f} images/s counting the "
+              f"segmentation slice; {segs}/{steps} iterations had a segmentation update); "
+              f"{stock_name} segmentation step on 1 slice {1000 * med_ref:.0f} ms", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="maskrcnn-r18-s3")
@@ -57,9 +112,21 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--joint", action="store_true", help="a joint model's whole training iteration")
+    parser.add_argument("--batches", default="1,2,4", help="--joint: classification batch sizes")
+    parser.add_argument("--roi-align-backward", default="separable", choices=["separable", "torchvision"],
+                        help="ctlesion model's RoI Align gradient (model.detector.roi_align_backward)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.joint:
+        info = machine_info(torch.device("cpu"))
+        print(f"torch {info['torch']}, {info['cpu']}, {args.threads} threads, load {info['loadavg']}, {args.size}², "
+              f"{args.steps} iterations after 1 warm-up")
+        joint_iterations(args.model, args.size, [int(b) for b in args.batches.split(",")], args.steps,
+                         args.roi_align_backward)
+        return
     cfg = default_model_config(args.model)
+    cfg.detector.roi_align_backward = args.roi_align_backward
     torch.manual_seed(0)
     ours = create_model(cfg).train()
     name, stock = stock_reference(cfg)

@@ -591,3 +591,13 @@ def test_batch_statistics_scoring_leaves_every_buffer_alone():
     evaluate_classifier(model, PhantomDataset(2, SIZE, 0), torch.device("cpu"), cls_bn="batch", progress=False)
     after = model.state_dict()
     assert [k for k in before if not torch.equal(before[k], after[k])] == []
+
+
+def test_ssm_joint_trains_with_classification_batches_of_two(tmp_path):
+    # Batches larger than the papers' 1 (issue 11): each iteration, one segmentation slice,
+    # then the classification step over two slices.
+    result = train_classifier(config("ssm-2branch-r18-s2", "train.batch_size=2"), tmp_path, progress=False)
+    log = steps(tmp_path)
+    assert result.steps == 2 == len(log)                  # 4 phantom slices in batches of 2
+    assert all(len(x["samples"]) == 2 and "seg_loss" in x and x["cls_loss"] > 0 for x in log)
+    assert len({s for x in log for s in x["samples"]}) == 4

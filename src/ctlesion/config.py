@@ -100,6 +100,10 @@ class DetectorConfig:
     # the mask logits and threshold them at mask_logit_threshold (CTM code).
     mask_paste: Literal["probabilities", "logits"] = "probabilities"
     mask_logit_threshold: float = 0.5
+    # Training speed only: "separable" computes the CPU gradient of single-level RoI Align as
+    # two matrix products (the same values up to float32 rounding, several times faster than
+    # torchvision's one-core kernel; ctlesion.models.roi_align_grad); "torchvision": its own.
+    roi_align_backward: Literal["separable", "torchvision"] = "separable"
 
 
 @dataclass

@@ -20,6 +20,8 @@ are smooth-L1 with beta 1/9 rather than L1 / beta 1. The inference differences (
 proposals and detections, NMS on logits, logit mask pasting) are configuration
 (``DetectorConfig.rpn_min_size`` ... ``mask_paste``, see :mod:`ctlesion.models.rcnn_parts`):
 the registry keeps torchvision's behaviour, converted author checkpoints the author's.
+The RoI poolers are torchvision's ``MultiScaleRoIAlign`` with, by default, a faster CPU
+gradient (:mod:`ctlesion.models.roi_align_grad`; ``detector.roi_align_backward``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from ..data.masks import get_mask_type
 from ..errors import ConfigError
 from .backbones import build_backbone
 from .rcnn_parts import LesionRoIHeads, LesionRPN, LesionTransform
+from .roi_align_grad import SeparableGradRoIAlign
 
 __all__ = ["LesionMaskRCNN", "build_maskrcnn", "set_detection_settings"]
 
@@ -72,13 +75,14 @@ def _heads_kwargs(d: DetectorConfig, num_levels: int, out_channels: int, num_cla
         aspect_ratios=(tuple(d.aspect_ratios),) * num_levels,
     )
     num_anchors = len(d.anchor_sizes) * len(d.aspect_ratios)
+    pooler = SeparableGradRoIAlign if d.roi_align_backward == "separable" else MultiScaleRoIAlign
     return dict(
         rpn_anchor_generator=anchors,
         rpn_head=RPNHead(out_channels, num_anchors),
-        box_roi_pool=MultiScaleRoIAlign(featmaps, output_size=7, sampling_ratio=2),
+        box_roi_pool=pooler(featmaps, output_size=7, sampling_ratio=2),
         box_head=TwoMLPHead(out_channels * 7 * 7, d.representation_size),
         box_predictor=FastRCNNPredictor(d.representation_size, num_classes),
-        mask_roi_pool=MultiScaleRoIAlign(featmaps, output_size=14, sampling_ratio=2),
+        mask_roi_pool=pooler(featmaps, output_size=14, sampling_ratio=2),
         mask_head=MaskRCNNHeads(out_channels, list(d.mask_head_layers), 1),
         mask_predictor=MaskRCNNPredictor(d.mask_head_layers[-1], d.mask_predictor_width, num_classes),
     )
