@@ -84,7 +84,8 @@ class CompiledModule(nn.Module):
             try:
                 return self._compiled(*args, **kwargs)
             except Exception as err:        # noqa: BLE001 - any compile failure falls back to eager
-                self.failure = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+                first_line = (str(err).strip().splitlines() or [""])[0]
+                self.failure = f"{type(err).__name__}: {first_line}"
                 warnings.warn(f"torch.compile of the {self.what} failed ({self.failure}); running it eagerly",
                               RuntimeWarning, stacklevel=2)
         return self.module(*args, **kwargs)
