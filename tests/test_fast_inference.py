@@ -349,13 +349,12 @@ def test_binary_masks_threads_roi_align_and_puts_the_pools_back():
     assert (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool) == pools
 
 
-def test_predict_with_bf16_mask_keeps_the_boxes_scores_and_labels(tmp_path):
-    import json
-
+def _forced_checkpoint_and_slices(tmp_path, seed):
+    """A random-weight ``maskrcnn-r18-s2`` checkpoint whose saved settings force 6
+    detections per slice, and two random 64² PNG slices."""
     import numpy as np
     from PIL import Image
 
-    from ctlesion.engine.api import predict_checkpoint
     from ctlesion.engine.checkpoint import save_checkpoint
     from ctlesion.experiment import experiment_from_dict
 
@@ -364,10 +363,19 @@ def test_predict_with_bf16_mask_keeps_the_boxes_scores_and_labels(tmp_path):
         "data": {"format": "phantom", "size": 64}})
     torch.manual_seed(0)
     ckpt = save_checkpoint(tmp_path / "ck", create_model(cfg.model), cfg, epoch=0, step=0)
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray((rng.random((64, 64)) * 255).astype(np.uint8)).save(tmp_path / f"s{i}.png")
-    inputs = [tmp_path / "s0.png", tmp_path / "s1.png"]
+    rng = np.random.default_rng(seed)
+    inputs = [tmp_path / f"s{i}.png" for i in range(2)]
+    for path in inputs:
+        Image.fromarray((rng.random((64, 64)) * 255).astype(np.uint8)).save(path)
+    return ckpt, inputs
+
+
+def test_predict_with_bf16_mask_keeps_the_boxes_scores_and_labels(tmp_path):
+    import json
+
+    from ctlesion.engine.api import predict_checkpoint
+
+    ckpt, inputs = _forced_checkpoint_and_slices(tmp_path, 0)
     runs = {}
     for precision in ("fp32", "bf16-mask"):
         predict_checkpoint(ckpt, inputs, tmp_path / precision, overlays="none", device="cpu", progress=False,
@@ -408,24 +416,11 @@ def test_predict_with_torch_compile_gives_the_eager_detections(tmp_path):
     import warnings
 
     import numpy as np
-    from PIL import Image
-
-    from ctlesion.engine.api import predict_checkpoint
-    from ctlesion.engine.checkpoint import save_checkpoint
-    from ctlesion.experiment import experiment_from_dict
-
-    cfg = experiment_from_dict({"model": {"name": "maskrcnn-r18-s2", "detector": {
-        "box_score_thresh": 0.0, "box_nms_thresh": 1.0, "box_detections_per_img": 6}},
-        "data": {"format": "phantom", "size": 64}})
-    torch.manual_seed(0)
-    ckpt = save_checkpoint(tmp_path / "ck", create_model(cfg.model), cfg, epoch=0, step=0)
-    rng = np.random.default_rng(3)
-    inputs = []
-    for i in range(2):
-        Image.fromarray((rng.random((64, 64)) * 255).astype(np.uint8)).save(tmp_path / f"s{i}.png")
-        inputs.append(tmp_path / f"s{i}.png")
     from torch._dynamo.utils import counters
 
+    from ctlesion.engine.api import predict_checkpoint
+
+    ckpt, inputs = _forced_checkpoint_and_slices(tmp_path, 3)
     counters.clear()
     runs = {}
     for compiled in (False, True):
