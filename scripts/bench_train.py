@@ -19,6 +19,9 @@ R-CNN's segmentation step on one slice (stock has no classification step)::
 
 ``--roi-align-backward torchvision`` times the model with torchvision's own RoI Align
 gradient instead of the default separable one (``ctlesion.models.roi_align_grad``).
+``--device cuda`` and ``--amp bf16|fp16`` run both models there and in mixed precision
+(ctlesion's through ``train.amp``, stock's under the same autocast); times are taken after a
+device synchronisation.
 """
 
 from __future__ import annotations
@@ -50,17 +53,32 @@ def batch(size: int, n: int, seed: int):
     return images, targets
 
 
-def step(model, optimizer, images, targets) -> float:
+AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step(model, optimizer, images, targets, device=torch.device("cpu"), amp: str | None = None) -> float:
+    """One stock-style training step (forward, summed losses, backward, optimiser), timed."""
+    images = [i.to(device) for i in images]
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+    _sync(device)
     start = time.perf_counter()
-    losses = model(images, targets)
+    with torch.autocast(device.type, dtype=AMP.get(amp, torch.float32), enabled=amp is not None):
+        losses = model(images, targets)
     loss = sum(losses.values())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
+    _sync(device)
     return time.perf_counter() - start
 
 
-def joint_iterations(name: str, size: int, batches: list[int], steps: int, roi_align_backward: str) -> None:
+def joint_iterations(name: str, size: int, batches: list[int], steps: int, roi_align_backward: str,
+                     device: torch.device, amp: str | None) -> None:
     """Time ``ClassificationStep.run`` (segmentation step + copy rule + classification step)
     for each classification batch size, interleaved with stock's one-slice segmentation step."""
     from ctlesion.data.factory import build_dataset
@@ -68,38 +86,38 @@ def joint_iterations(name: str, size: int, batches: list[int], steps: int, roi_a
     from ctlesion.engine.steps import ClassificationStep, Updater, resolve_auto_settings
     from ctlesion.experiment import experiment_from_dict
 
-    cpu = torch.device("cpu")
-    rows = []
     for b in batches:
-        cfg = experiment_from_dict({"train": {"batch_size": b},
+        cfg = experiment_from_dict({"train": {"batch_size": b, "amp": amp},
                                     "data": {"format": "phantom", "num_samples": 16, "size": size}})
         cfg.model = default_model_config(name)
         cfg.model.detector.roi_align_backward = roi_align_backward
         resolve_auto_settings(cfg)
         torch.manual_seed(0)
-        model = create_model(cfg.model)
+        model = create_model(cfg.model).to(device)
         data = build_dataset(cfg.data, cfg.model.detector.mask_type)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
         lesions = [x for x in data if len(x.target["boxes"])]      # every iteration makes a segmentation update
-        joint = ClassificationStep(model, Updater(model, optimizer, cfg, cpu, World()), cfg, cpu, seg_dataset=lesions)
+        joint = ClassificationStep(model, Updater(model, optimizer, cfg, device, World()), cfg, device,
+                                   seg_dataset=lesions)
         stock_name, stock = stock_reference(cfg.model)
-        stock.train()
+        stock.to(device).train()
         stock_opt = torch.optim.SGD(stock.parameters(), lr=1e-4)
         ours, ref, segs = [], [], 0
         for s in range(steps + 1):
             samples = [data[(s * b + i) % len(data)] for i in range(b)]
+            _sync(device)
             start = time.perf_counter()
             record = joint.run(samples, s, steps + 1, 0, s)
+            _sync(device)
             t = time.perf_counter() - start
             images, targets = batch(size, 1, s)
-            t_stock = step(stock, stock_opt, images, targets)
+            t_stock = step(stock, stock_opt, images, targets, device, amp)
             if s:
                 ours.append(t)
                 ref.append(t_stock)
                 segs += "seg_loss" in record
         med, med_ref = statistics.median(ours), statistics.median(ref)
-        rows.append((b, med, med_ref, segs))
-        print(f"{name} joint iteration, classification batch {b}: {1000 * med:.0f} ms "
+        print(f"{name} joint iteration, classification batch {b}: {1000 * med:.0f} ms, {1 / med:.2f} iterations/s "
               f"({b / med:.2f} classification images/s, {(b + 1) / med:.2f} images/s counting the "
               f"segmentation slice; {segs}/{steps} iterations had a segmentation update); "
               f"{stock_name} segmentation step on 1 slice {1000 * med_ref:.0f} ms", flush=True)
@@ -116,33 +134,37 @@ def main() -> None:
     parser.add_argument("--batches", default="1,2,4", help="--joint: classification batch sizes")
     parser.add_argument("--roi-align-backward", default="separable", choices=["separable", "torchvision"],
                         help="ctlesion model's RoI Align gradient (model.detector.roi_align_backward)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--amp", default=None, choices=sorted(AMP), help="mixed precision (default: float32)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     if args.joint:
-        info = machine_info(torch.device("cpu"))
-        print(f"torch {info['torch']}, {info['cpu']}, {args.threads} threads, load {info['loadavg']}, {args.size}², "
-              f"{args.steps} iterations after 1 warm-up")
+        info = machine_info(device)
+        print(f"torch {info['torch']}, {info['cpu']}, device {info['device']}, {args.threads} threads, "
+              f"load {info['loadavg']}, {args.size}², {args.amp or 'fp32'}, {args.steps} iterations after 1 warm-up")
         joint_iterations(args.model, args.size, [int(b) for b in args.batches.split(",")], args.steps,
-                         args.roi_align_backward)
+                         args.roi_align_backward, device, args.amp)
         return
     cfg = default_model_config(args.model)
     cfg.detector.roi_align_backward = args.roi_align_backward
     torch.manual_seed(0)
-    ours = create_model(cfg).train()
+    ours = create_model(cfg).to(device).train()
     name, stock = stock_reference(cfg)
-    stock.train()
+    stock.to(device).train()
     opts = [torch.optim.SGD(m.parameters(), lr=1e-4) for m in (ours, stock)]
     times = ([], [])
-    info = machine_info(torch.device("cpu"))
+    info = machine_info(device)
     for s in range(args.steps + 1):
         images, targets = batch(args.size, args.batch, s)
         for i, (model, opt) in enumerate(zip((ours, stock), opts)):
-            t = step(model, opt, images, targets)
+            t = step(model, opt, images, targets, device, args.amp)
             if s:
                 times[i].append(t)
     med = [statistics.median(t) for t in times]
     ratio = statistics.median([a / b for a, b in zip(*times)])
-    print(f"torch {info['torch']}, {info['cpu']}, {args.threads} threads, load {info['loadavg']}")
+    print(f"torch {info['torch']}, {info['cpu']}, device {info['device']}, {args.threads} threads, "
+          f"load {info['loadavg']}, {args.amp or 'fp32'}")
     print(f"{args.model}: {args.batch / med[0]:.2f} images/s ({1000 * med[0]:.0f} ms per step of {args.batch}); "
           f"{name}: {args.batch / med[1]:.2f} images/s ({1000 * med[1]:.0f} ms); step-time ratio {ratio:.2f}x "
           f"({args.size}², {args.steps} steps after 1 warm-up)")
