@@ -39,9 +39,10 @@ def test_separable_backward_equals_torchvision_gradient(scale, out, sampling):
     assert x.grad.abs().sum() > 0
 
 
-def test_pooler_gives_the_stock_forward_and_gradient_and_falls_back():
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])   # train.channels_last
+def test_pooler_gives_the_stock_forward_and_gradient_and_falls_back(layout):
     g = torch.Generator().manual_seed(3)
-    feats = torch.randn((1, 8, 16, 16), generator=g)
+    feats = torch.randn((1, 8, 16, 16), generator=g).contiguous(memory_format=layout)
     boxes, shapes = [_boxes(12, 128, 128, 4)], [(128, 128)]
     stock, ours = MultiScaleRoIAlign(["0"], 7, 2), SeparableGradRoIAlign(["0"], 7, 2)
     results = {}
