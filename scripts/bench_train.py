@@ -87,7 +87,7 @@ def joint_iterations(name: str, size: int, batches: list[int], steps: int, roi_a
     from ctlesion.experiment import experiment_from_dict
 
     for b in batches:
-        cfg = experiment_from_dict({"train": {"batch_size": b, "amp": amp},
+        cfg = experiment_from_dict({"train": {"batch_size": b, **({"amp": amp} if amp else {})},
                                     "data": {"format": "phantom", "num_samples": 16, "size": size}})
         cfg.model = default_model_config(name)
         cfg.model.detector.roi_align_backward = roi_align_backward
