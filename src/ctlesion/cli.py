@@ -387,9 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--channels-last", action="store_true",
                        help="channels-last weights (opt-in, faster convolutions; last-bit rounding changes)")
         p.add_argument("--compile", action="store_true",
-                       help="torch.compile the backbone (opt-in: ~20 s to compile at the first slice, then "
-                            "faster convolutions; float rounding changes; needs a C++ compiler, else a "
-                            "warning and eager)")
+                       help="torch.compile the backbone (opt-in: seconds to compile at the first slice, then "
+                            "faster convolutions; pays off for models run at 512 px on long series, not for "
+                            "256-px ones such as lesion-semiseg-r18; float rounding changes; needs a C++ "
+                            "compiler, else a warning and eager)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     def model_options(p: argparse.ArgumentParser) -> None:
