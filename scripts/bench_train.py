@@ -11,7 +11,7 @@ of step times.
 
 ``--joint``: a joint model's whole training iteration as ``ctlesion train`` runs it
 (:class:`~ctlesion.engine.steps.ClassificationStep`: a segmentation step on one phantom
-slice with lesions, the copy rule, then the classification step on ``--batch`` phantom slices, Adam),
+slice with lesions, the copy rule, then the classification step on a batch of phantom slices, Adam),
 timed for each of ``--batches`` classification batch sizes, each against the stock Mask
 R-CNN's segmentation step on one slice (stock has no classification step)::
 
