@@ -26,7 +26,7 @@ import torch
 
 import ctlesion.models.rcnn_parts as parts
 from ctlesion.engine import benchmark as bm
-from ctlesion.models.inference import inference_precision
+from ctlesion.models.inference import speed_options
 from ctlesion.registry import create_model, default_model_config, get_entry
 
 # name, RoI Align threads, mask branch channels-last, precision, channels-last weights, compile
@@ -83,8 +83,8 @@ def bench_model(name: str, repeats: int, size: int, detections: int) -> dict:
             if round_:
                 stock_times.append(t)
             for variant, threaded, mask_cl, precision, channels_last, compiled in VARIANTS:
-                with levers(threaded, mask_cl), bm._inference_modes(model, task, channels_last, compiled), \
-                        inference_precision(cpu, precision, model):
+                with levers(threaded, mask_cl), bm._inference_modes(model, task), \
+                        speed_options(model, cpu, precision, channels_last, compiled):
                     t = bm._time(lambda: call(images), cpu)
                 if round_:
                     times[variant].append(t)

@@ -14,7 +14,6 @@ The rules of what evaluation inherits from training live here, once:
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,8 +21,7 @@ from ..config import DataConfig, EvalConfig, ExperimentConfig
 from ..data.datasets import VolumeDataset
 from ..data.factory import build_dataset, parse_data_spec
 from ..errors import ConfigError
-from ..models.inference import channels_last as channels_last_weights
-from ..models.inference import compiled_backbone, inference_precision
+from ..models.inference import speed_options
 from ..viz import save_overlay
 from .builtin_weights import resolve_checkpoint
 from .checkpoint import load_checkpoint
@@ -109,20 +107,11 @@ def _evaluate_checkpoint(checkpoint, data, out, *, seg_data, split, min_area, si
                          nms_thresh, max_detections, f1_weights, overlays, dev, progress, title,
                          channels_last=False, precision="fp32", torch_compile=False) -> dict:
     model, cfg, meta = load_checkpoint(resolve_checkpoint(checkpoint))
-    with _speed_options(model, dev, precision, channels_last, torch_compile):
+    with speed_options(model, dev, precision, channels_last, torch_compile):
         return _evaluate_model(model, cfg, meta, checkpoint, data, out, seg_data=seg_data, split=split,
                                min_area=min_area, size=size, window=window, score_thresh=score_thresh,
                                nms_thresh=nms_thresh, max_detections=max_detections, f1_weights=f1_weights,
                                overlays=overlays, dev=dev, progress=progress, title=title)
-
-
-@contextlib.contextmanager
-def _speed_options(model, device, precision: str, channels_last: bool, torch_compile: bool = False):
-    """The opt-in inference levers around a loaded model: precision (``fp32``,
-    ``bf16-mask``, ``bf16``), channels-last weights and ``torch.compile`` of the backbone."""
-    layout = channels_last_weights(model) if channels_last else contextlib.nullcontext()
-    with inference_precision(device, precision, model), layout, compiled_backbone(model, torch_compile):
-        yield
 
 
 def _evaluate_model(model, cfg, meta, checkpoint, data, out, *, seg_data, split, min_area, size, window,
@@ -202,7 +191,7 @@ def predict_checkpoint(
     built-in model name (verified against its SHA-256)."""
     checkpoint = resolve_checkpoint(checkpoint)
     model, cfg, meta = load_checkpoint(checkpoint)
-    with _speed_options(model, resolve_device(device), precision, channels_last, torch_compile):
+    with speed_options(model, resolve_device(device), precision, channels_last, torch_compile):
         return _predict_model(model, cfg, meta, checkpoint, inputs, out, window=window, size=size,
                               score_thresh=score_thresh, overlays=overlays, volume_outputs=volume_outputs,
                               aggregate=aggregate, min_abnormal_fraction=min_abnormal_fraction, device=device,

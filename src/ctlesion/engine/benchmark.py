@@ -42,7 +42,7 @@ from ..config import ExperimentConfig, ModelConfig
 from ..data.masks import get_mask_type
 from ..errors import ConfigError
 from ..models.backbones import ARCHS
-from ..models.inference import inference_precision
+from ..models.inference import speed_options
 from ..models.maskrcnn import set_detection_settings
 from ..registry import create_model, default_model_config, get_entry
 from .evaluate import compact_prediction, detect_batch
@@ -148,18 +148,17 @@ def _ctlesion_call(model: nn.Module, task: str) -> Callable[[list[torch.Tensor]]
 
 
 @contextlib.contextmanager
-def _inference_modes(model: nn.Module, task: str, memory_format: bool = False, compiled: bool = False):
-    from ..models.inference import channels_last, compiled_backbone
+def _inference_modes(model: nn.Module, task: str):
+    """What ``predict`` sets up around a classifier's forward (eval inference, the boolean
+    mask fast path, seeded RoI padding); detectors need nothing here (``detect_batch`` does it)."""
     from ..models.rcnn_parts import binary_masks
 
-    layout = channels_last(model) if memory_format else contextlib.nullcontext()
     if task == "segmentation":
-        with layout, compiled_backbone(model, compiled):
-            yield
+        yield
         return
     model.padding_generator = torch.Generator().manual_seed(0)
     try:
-        with model.inference("eval"), binary_masks(model, 0.5), layout, compiled_backbone(model, compiled):
+        with model.inference("eval"), binary_masks(model, 0.5):
             yield
     finally:
         model.padding_generator = None
@@ -235,8 +234,8 @@ def run_benchmark(models=DEFAULT_MODELS, *, device: str | torch.device = "cpu", 
         for round_ in range(warmup + repeats):
             timed_stock = set()
             for e in entries:
-                with _inference_modes(e.model, e.task, channels_last, torch_compile), \
-                        inference_precision(device, precision, e.model):
+                with _inference_modes(e.model, e.task), \
+                        speed_options(e.model, device, precision, channels_last, torch_compile):
                     t = _time(lambda: e.call(images), device)
                 if round_ == 0:
                     first[e.name] = t
@@ -271,7 +270,7 @@ def _detection_counts(entries, stocks, images, device, precision, memory_format,
     """Detections of the first image, to show the forced count held."""
     counts = {}
     for e in entries:
-        with _inference_modes(e.model, e.task, memory_format, compiled), inference_precision(device, precision, e.model):
+        with _inference_modes(e.model, e.task), speed_options(e.model, device, precision, memory_format, compiled):
             out = e.call(images)[0]
         det = out if e.task == "segmentation" else out[2]
         counts[e.name] = None if det is None else int(len(det["scores"]))

@@ -11,6 +11,8 @@
 * :func:`compiled_backbone`: opt-in ``torch.compile`` of the convolutional backbone (the
   one stage of a fixed shape per slice size; compiled once per model and kept), falling back
   to eager with a warning where compilation fails.
+* :func:`speed_options`: the three together, as ``predict``, ``evaluate`` and
+  ``benchmark`` apply them.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from ..config import INFERENCE_PRECISIONS
 from ..errors import ConfigError
 from .rcnn_parts import mask_branch_precision
 
-__all__ = ["COMPILED_ATTR", "PRECISIONS", "CompiledModule", "channels_last", "compiled_backbone", "inference_precision"]
+__all__ = ["COMPILED_ATTR", "PRECISIONS", "CompiledModule", "channels_last", "compiled_backbone", "inference_precision",
+           "speed_options"]
 
 PRECISIONS = INFERENCE_PRECISIONS
 
@@ -118,3 +121,14 @@ def compiled_backbone(model: nn.Module, enabled: bool = True) -> Iterator[nn.Mod
         yield model
     finally:
         holder.backbone = backbone
+
+
+@contextlib.contextmanager
+def speed_options(model: nn.Module, device: torch.device | str, precision: str = "fp32",
+                  channels_last_weights: bool = False, torch_compile: bool = False) -> Iterator[nn.Module]:
+    """The opt-in inference levers around ``model`` for the block: ``precision`` (see
+    :func:`inference_precision`), channels-last weights (:func:`channels_last`) and
+    ``torch.compile`` of the backbone (:func:`compiled_backbone`)."""
+    layout = channels_last(model) if channels_last_weights else contextlib.nullcontext()
+    with inference_precision(device, precision, model), layout, compiled_backbone(model, torch_compile):
+        yield model
