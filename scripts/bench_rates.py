@@ -52,7 +52,7 @@ def main() -> None:
         cases.append((f"3x3 convolution {channels} ch at {side}^2 (oneDNN)",
                       lambda f=feat, k=kernel: F.conv2d(f, k, padding=1), flop))
         cl_feat, cl_kernel = (t.contiguous(memory_format=torch.channels_last) for t in (feat, kernel))
-        cases.append((f"  the same, channels-last",
+        cases.append(("  the same, channels-last",
                       lambda f=cl_feat, k=cl_kernel: F.conv2d(f, k, padding=1), flop))
     print(f"torch {torch.__version__}, {args.threads} threads")
     with torch.inference_mode():

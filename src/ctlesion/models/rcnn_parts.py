@@ -342,6 +342,12 @@ _EXECUTOR_LOCK = threading.Lock()
 _EXECUTORS: dict[int, ThreadPoolExecutor] = {}
 
 
+def roi_parts(count: int, workers: int) -> int:
+    """How many parts to split ``count`` RoIs into for ``workers`` threads (at least
+    :data:`MIN_BOXES_PER_THREAD` per part; 1: no threads)."""
+    return min(workers, max(count // MIN_BOXES_PER_THREAD, 1))
+
+
 def _executor(workers: int) -> ThreadPoolExecutor:
     with _EXECUTOR_LOCK:
         if workers not in _EXECUTORS:
@@ -375,7 +381,7 @@ class ThreadedRoIAlign(nn.Module):
         jobs = []
         for i, image_boxes in enumerate(boxes if threaded else []):
             image_features = {k: v[i:i + 1] for k, v in features.items()}
-            parts = min(self.workers, max(len(image_boxes) // MIN_BOXES_PER_THREAD, 1))
+            parts = roi_parts(len(image_boxes), self.workers)
             jobs += [(image_features, [part]) for part in image_boxes.tensor_split(parts) if len(part)]
         if len(jobs) < 2:
             return self.pool(features, boxes, image_shapes)

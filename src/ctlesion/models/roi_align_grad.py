@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
-from .rcnn_parts import MIN_BOXES_PER_THREAD, _executor
+from .rcnn_parts import _executor, roi_parts
 
 __all__ = ["SeparableGradRoIAlign", "axis_weights", "separable_roi_align_backward", "threaded_roi_align"]
 
@@ -94,7 +94,7 @@ def threaded_roi_align(features: Tensor, rois: Tensor, output_size, spatial_scal
     """torchvision's ``roi_align`` (``aligned=False``) over parts of ``rois`` in ``workers``
     threads (its CPU kernel runs on one core and releases the GIL); each RoI's output
     depends only on its own box, so the joined parts equal one call bitwise. No autograd graph."""
-    parts = min(workers, max(len(rois) // MIN_BOXES_PER_THREAD, 1))
+    parts = roi_parts(len(rois), workers)
     if parts < 2:
         return roi_align(features, rois, output_size, spatial_scale, sampling_ratio, False)
 
