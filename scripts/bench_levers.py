@@ -6,8 +6,9 @@ the stock torchvision reference of the same shape (``docs/benchmarks.md``).
 
 Variants, each timed through ``ctlesion benchmark``'s own per-batch call (512², 128 forced
 masked detections, random weights): the path before the levers (mask branch on contiguous
-features, one RoI Align call), + the mask branch on channels-last features, + RoI Align in
-threads (= the default), and the default with the opt-in ``--precision bf16-mask`` and
+features, one RoI Align call), + the mask branch on channels-last features, + torchvision's
+RoI Align in threads, + RoI Align as one gather (opt-in), + the mask predictor as blocked GEMMs
+(with the gather, and with threads = the default), and the default with the opt-in ``--precision bf16-mask`` and
 ``--channels-last``, and the default with ``--compile`` (``torch.compile`` of the backbone;
 compiled in the warm-up round). The "before" variants switch the levers off by patching
 ``ctlesion.models.rcnn_parts`` for the duration of their call, which is why this is a
@@ -29,23 +30,30 @@ from ctlesion.engine import benchmark as bm
 from ctlesion.models.inference import speed_options
 from ctlesion.registry import create_model, default_model_config, get_entry
 
-# name, RoI Align threads, mask branch channels-last, precision, channels-last weights, compile
+# name, RoI Align (one stock call / stock in threads / gather), mask branch channels-last,
+# mask predictor as blocked GEMMs, precision, channels-last weights, compile
 VARIANTS = [
-    ("before (one RoI Align call, contiguous mask branch)", False, False, "fp32", False, False),
-    ("+ mask branch channels-last", False, True, "fp32", False, False),
-    ("+ RoI Align in threads (the default)", True, True, "fp32", False, False),
-    ("default + --precision bf16-mask", True, True, "bf16-mask", False, False),
-    ("default + --channels-last", True, True, "fp32", True, False),
-    ("default + --channels-last --precision bf16-mask", True, True, "bf16-mask", True, False),
-    ("default + --compile", True, True, "fp32", False, True),
-    ("default + --compile --precision bf16-mask", True, True, "bf16-mask", False, True),
+    ("before (one RoI Align call, contiguous mask branch)", "one", False, False, "fp32", False, False),
+    ("+ mask branch channels-last", "one", True, False, "fp32", False, False),
+    ("+ torchvision's RoI Align in threads", "torchvision", True, False, "fp32", False, False),
+    ("+ RoI Align as one gather (opt-in)", "gather", True, False, "fp32", False, False),
+    ("+ mask predictor as GEMMs, gather", "gather", True, True, "fp32", False, False),
+    ("+ mask predictor as GEMMs, threads (the default)", "torchvision", True, True, "fp32", False, False),
+    ("default + --precision bf16-mask", "torchvision", True, True, "bf16-mask", False, False),
+    ("default + --channels-last", "torchvision", True, True, "fp32", True, False),
+    ("default + --channels-last --precision bf16-mask", "torchvision", True, True, "bf16-mask", True, False),
+    ("default + --compile", "torchvision", True, True, "fp32", False, True),
+    ("default + --compile --precision bf16-mask", "torchvision", True, True, "bf16-mask", False, True),
 ]
 
 
 @contextlib.contextmanager
-def levers(threaded: bool, mask_channels_last: bool):
-    """The fast path with RoI Align threads and / or the channels-last mask branch off."""
-    threaded_pools, mask_logits = parts._threaded_pools, parts.LesionRoIHeads.mask_logits
+def levers(roi_align: str, mask_channels_last: bool, gemm_predictor: bool = True):
+    """The fast path with its RoI Align ``one`` (torchvision's pooler as built),
+    ``torchvision`` (its kernel in threads) or ``gather`` (the default), and / or the
+    channels-last mask branch, and / or the mask predictor's GEMM path off."""
+    fast_pools, mask_logits = parts._fast_pools, parts.LesionRoIHeads.mask_logits
+    fast_predictor = parts.LesionMaskPredictor._fast
 
     def contiguous_mask_logits(self, *args):
         saved, self.mask_channels_last = self.mask_channels_last, False
@@ -54,17 +62,22 @@ def levers(threaded: bool, mask_channels_last: bool):
         finally:
             self.mask_channels_last = saved
 
-    if not threaded:
-        parts._threaded_pools = lambda heads, workers: []
+    if roi_align == "one":
+        parts._fast_pools = lambda heads, workers, kernel: []
+    else:
+        parts._fast_pools = lambda heads, workers, kernel: fast_pools(heads, workers, roi_align)
     if not mask_channels_last:
         parts.LesionRoIHeads.mask_logits = contiguous_mask_logits
+    if not gemm_predictor:
+        parts.LesionMaskPredictor._fast = lambda self, x: False
     try:
         yield
     finally:
-        parts._threaded_pools, parts.LesionRoIHeads.mask_logits = threaded_pools, mask_logits
+        parts._fast_pools, parts.LesionRoIHeads.mask_logits = fast_pools, mask_logits
+        parts.LesionMaskPredictor._fast = fast_predictor
 
 
-def bench_model(name: str, repeats: int, size: int, detections: int) -> dict:
+def bench_model(name: str, repeats: int, size: int, detections: int, variants: list[tuple]) -> dict:
     cfg, task = default_model_config(name), get_entry(name).task
     torch.manual_seed(0)
     model = create_model(cfg).eval()
@@ -75,15 +88,15 @@ def bench_model(name: str, repeats: int, size: int, detections: int) -> dict:
     call = bm._ctlesion_call(model, task)
     images = [torch.rand((1, size, size), generator=torch.Generator().manual_seed(0))]
     cpu = torch.device("cpu")
-    times = {v[0]: [] for v in VARIANTS}
+    times = {v[0]: [] for v in variants}
     stock_times = []
     with torch.inference_mode():
         for round_ in range(repeats + 1):          # round 0: warm-up
             t = bm._time(lambda: stock(images), cpu)
             if round_:
                 stock_times.append(t)
-            for variant, threaded, mask_cl, precision, channels_last, compiled in VARIANTS:
-                with levers(threaded, mask_cl), bm._inference_modes(model, task), \
+            for variant, roi_align, mask_cl, gemm, precision, channels_last, compiled in variants:
+                with levers(roi_align, mask_cl, gemm), bm._inference_modes(model, task), \
                         speed_options(model, cpu, precision, channels_last, compiled):
                     t = bm._time(lambda: call(images), cpu)
                 if round_:
@@ -101,12 +114,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--detections", type=int, default=128)
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated variant numbers to run (1-based, in the order above; default all)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    variants = (VARIANTS if args.variants is None
+                else [VARIANTS[int(i) - 1] for i in args.variants.split(",")])
     result = {"machine_before": bm.machine_info(torch.device("cpu")), "models": {}}
     for name in args.models.split(","):
-        row = result["models"][name] = bench_model(name, args.repeats, args.size, args.detections)
+        row = result["models"][name] = bench_model(name, args.repeats, args.size, args.detections, variants)
         print(f"{name} (stock {row['stock']}: {row['stock_median_ms']} ms/slice)")
         for variant, v in row["variants"].items():
             print(f"  {variant:52s} {v['median_ms']:8.1f} ms  {v['ratio']:.2f}x")

@@ -132,7 +132,7 @@ def test_fast_path_runs_the_mask_branch_channels_last_and_changes_only_the_masks
     with torch.inference_mode():
         stock = model(images)
         assert seen == [(torch.float32, False)]                      # the model's own forward: stock
-        fast = detect_batch(model, images, 0.5)
+        fast = detect_batch(model, images, 0.5, roi_align="torchvision")
     hook.remove()
     assert seen[1:] == [(torch.float32, True)]                       # the fast path: channels-last
     assert model.roi_heads.mask_channels_last is False               # restored
@@ -140,6 +140,23 @@ def test_fast_path_runs_the_mask_branch_channels_last_and_changes_only_the_masks
         for key in ("boxes", "scores", "labels"):                    # before the mask branch: bitwise
             assert torch.equal(f[key], s[key].to(f[key].dtype)), key
         _assert_same_detections(f, s)
+
+
+@pytest.mark.parametrize("name", ["maskrcnn-r18-s2", "maskrcnn-r50-fpn"])
+def test_gather_roi_align_keeps_the_stock_detections_within_the_bound(name):
+    # The default fast path pools by one weighted gather: boxes and scores move by float32
+    # rounding only (issue 11: same count and labels, boxes and scores within 1e-4).
+    model = _detector(name, detections=16)
+    det = getattr(model, "detector", model)
+    images = _images(2, size=80, seed=3)
+    with torch.inference_mode():
+        stock = det(images)
+        fast = detect_batch(det, images, 0.5, roi_align="gather")
+    for f, s in zip(fast, stock):
+        assert len(f["scores"]) == len(s["scores"]) > 0
+        assert torch.equal(f["labels"], s["labels"])
+        torch.testing.assert_close(f["boxes"], s["boxes"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(f["scores"], s["scores"].float(), atol=1e-4, rtol=0)
 
 
 def test_bf16_mask_runs_only_the_mask_branch_in_bf16():

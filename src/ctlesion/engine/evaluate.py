@@ -60,9 +60,11 @@ def run_detector(
         yield from zip(batch, detect_batch(model, [s.image.to(device) for s in batch], mask_thresh))
 
 
-def detect_batch(model: torch.nn.Module, images: list[torch.Tensor], mask_thresh: float = 0.5) -> list[dict]:
-    """One forward of an eval-mode detector: compact predictions (CPU, boolean masks)."""
-    with binary_masks(model, mask_thresh):
+def detect_batch(model: torch.nn.Module, images: list[torch.Tensor], mask_thresh: float = 0.5,
+                 roi_align: str = "torchvision") -> list[dict]:
+    """One forward of an eval-mode detector: compact predictions (CPU, boolean masks);
+    ``roi_align``: the fast path's RoI Align (:func:`~ctlesion.models.rcnn_parts.binary_masks`)."""
+    with binary_masks(model, mask_thresh, roi_align):
         outputs = model(images)
     return [compact_prediction(pred, mask_thresh) for pred in outputs]
 

@@ -29,8 +29,8 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 
@@ -38,7 +38,7 @@ from ..config import DetectorConfig, ModelConfig
 from ..data.masks import get_mask_type
 from ..errors import ConfigError
 from .backbones import build_backbone
-from .rcnn_parts import LesionRoIHeads, LesionRPN, LesionTransform
+from .rcnn_parts import LesionBoxHead, LesionMaskPredictor, LesionRoIHeads, LesionRPN, LesionTransform
 from .roi_align_grad import SeparableGradRoIAlign
 
 __all__ = ["LesionMaskRCNN", "build_maskrcnn", "set_detection_settings"]
@@ -80,11 +80,11 @@ def _heads_kwargs(d: DetectorConfig, num_levels: int, out_channels: int, num_cla
         rpn_anchor_generator=anchors,
         rpn_head=RPNHead(out_channels, num_anchors),
         box_roi_pool=pooler(featmaps, output_size=7, sampling_ratio=2),
-        box_head=TwoMLPHead(out_channels * 7 * 7, d.representation_size),
+        box_head=LesionBoxHead(out_channels * 7 * 7, d.representation_size),
         box_predictor=FastRCNNPredictor(d.representation_size, num_classes),
         mask_roi_pool=pooler(featmaps, output_size=14, sampling_ratio=2),
         mask_head=MaskRCNNHeads(out_channels, list(d.mask_head_layers), 1),
-        mask_predictor=MaskRCNNPredictor(d.mask_head_layers[-1], d.mask_predictor_width, num_classes),
+        mask_predictor=LesionMaskPredictor(d.mask_head_layers[-1], d.mask_predictor_width, num_classes),
     )
 
 

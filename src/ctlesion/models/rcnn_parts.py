@@ -41,6 +41,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import (RoIHeads, expand_boxes, expand_masks, maskrcnn_inference,
                                                     paste_masks_in_image)
 from torchvision.models.detection.rpn import RegionProposalNetwork
@@ -48,10 +50,14 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import boxes as box_ops
 
-__all__ = ["LesionRPN", "LesionRoIHeads", "LesionTransform", "DETECTION_FILTERS", "keep_detections",
+from .roi_align_gather import GatherRoIAlign
+
+__all__ = ["LesionRPN", "LesionRoIHeads", "LesionBoxHead", "LesionMaskPredictor", "LesionTransform", "DETECTION_FILTERS", "keep_detections",
            "paste_masks_binary", "paste_masks_binary_with_areas", "binary_masks", "mask_branch_precision", "ThreadedRoIAlign"]
 
 DETECTION_FILTERS = ("min_side", "positive_area", "none")
+# The fast path's RoI Align: one weighted gather (GatherRoIAlign), or torchvision's kernel in threads.
+ROI_ALIGN_KERNELS = ("gather", "torchvision")
 TORCHVISION_RPN_MIN_SIZE = 1e-3
 TORCHVISION_DETECTION_MIN_SIDE = 1e-2
 
@@ -239,6 +245,73 @@ class LesionRoIHeads(RoIHeads):
         return result, losses
 
 
+class LesionBoxHead(TwoMLPHead):
+    """torchvision's ``TwoMLPHead`` (the same layers and state dict) that also takes pooled
+    features in channels-last strides without copying them: :class:`GatherRoIAlign` returns
+    its ``[R, C, 7, 7]`` that way, and ``flatten`` would transpose all of it (50 MB for the
+    1,000 proposals of a 512² slice) for each head that reads it (the joint models have two).
+    Instead ``fc6`` reads the features in their memory order (``[R, 7*7*C]``) with its weight's
+    columns permuted to match: the same products, summed in another order (~1e-6).
+    Contiguous input takes torchvision's path."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+            return super().forward(x)
+        rois, channels, height, width = x.shape
+        weight = self.fc6.weight.view(-1, channels, height, width).permute(0, 2, 3, 1).reshape(
+            self.fc6.out_features, -1)
+        x = F.relu(F.linear(x.permute(0, 2, 3, 1).reshape(rois, -1), weight, self.fc6.bias))
+        return F.relu(self.fc7(x))
+
+
+class LesionMaskPredictor(MaskRCNNPredictor):
+    """torchvision's ``MaskRCNNPredictor`` (the same layers and state dict: a 2x2 stride-2
+    transposed convolution, ReLU, a 1x1 convolution to the class logits) with a faster CPU
+    inference path for channels-last input (the fast path's mask branch).
+
+    A 2x2 stride-2 transposed convolution writes each input pixel into its own 2x2 output
+    block, so on the features as a ``[pixels, C]`` matrix it is one product with the weight
+    as ``[C, 2*2*width]``; the ReLU and the 1x1 convolution act pixel by pixel, so they
+    follow on that product directly, and only the ``classes``-channel logits are shuffled
+    into the 2x-upsampled frame (not the ``width``-channel activations). Done in blocks of
+    :attr:`block_rows` pixels, which keeps the intermediate in cache: on 128 RoIs at 14x14
+    about half the time of oneDNN's transposed convolution (``docs/benchmarks.md``, fifth
+    pass). The logits differ by float32 summation order (~1e-5, tested). Training, autograd,
+    autocast, other dtypes and devices and contiguous input take torchvision's path."""
+
+    block_rows = 1024
+
+    def _fast(self, x: Tensor) -> bool:
+        up = self.conv5_mask
+        return (x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32
+                and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+                and not (torch.is_grad_enabled() and (x.requires_grad or up.weight.requires_grad))
+                and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
+                and not torch.compiler.is_compiling()
+                and up.kernel_size == (2, 2) and up.stride == (2, 2) and up.padding == (0, 0)
+                and up.output_padding == (0, 0) and up.dilation == (1, 1) and up.groups == 1
+                and up.bias is not None and self.mask_fcn_logits.bias is not None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._fast(x):
+            return super().forward(x)
+        up, logits = self.conv5_mask, self.mask_fcn_logits
+        rois, channels, height, width = x.shape
+        inner, classes = up.out_channels, logits.out_channels
+        weight = up.weight.permute(0, 2, 3, 1).reshape(channels, 4 * inner)        # [C, (a, b, width)]
+        bias = up.bias.repeat(4)
+        proj = logits.weight.view(classes, inner).t()
+        pixels = x.permute(0, 2, 3, 1).reshape(-1, channels)                      # a view: channels-last
+        out = x.new_empty((len(pixels) * 4, classes))
+        step = self.block_rows
+        for s in range(0, len(pixels), step):
+            hidden = torch.addmm(bias, pixels[s:s + step], weight).view(-1, inner).relu_()
+            torch.addmm(logits.bias, hidden, proj, out=out[4 * s:4 * (s + step)])
+        # [(r, i, j, a, b), k] -> [r, k, 2i + a, 2j + b]
+        return (out.view(rois, height, width, 2, 2, classes).permute(0, 5, 1, 3, 2, 4)
+                .reshape(rois, classes, 2 * height, 2 * width))
+
+
 class LesionTransform(GeneralizedRCNNTransform):
     """torchvision's transform with two options.
 
@@ -394,28 +467,40 @@ class ThreadedRoIAlign(nn.Module):
         return torch.cat(list(_executor(self.workers).map(run, jobs)))
 
 
-def _threaded_pools(heads: RoIHeads, workers: int) -> list[tuple[str, nn.Module]]:
-    """Swap ``heads``' RoI Align modules for :class:`ThreadedRoIAlign` wrappers; returns what
-    to put back."""
+def _fast_pools(heads: RoIHeads, workers: int, roi_align: str) -> list[tuple[str, nn.Module]]:
+    """Swap ``heads``' RoI Align modules for the fast path's: :class:`GatherRoIAlign`
+    (``roi_align="gather"``) falling back to, or only (``"torchvision"``),
+    :class:`ThreadedRoIAlign`. Returns what to put back."""
     saved = []
     for name in ("box_roi_pool", "mask_roi_pool"):
         pool = getattr(heads, name, None)
         if isinstance(pool, MultiScaleRoIAlign):
             saved.append((name, pool))
-            setattr(heads, name, ThreadedRoIAlign(pool, workers))
+            fast = ThreadedRoIAlign(pool, workers)
+            setattr(heads, name, GatherRoIAlign(pool, fast) if roi_align == "gather" else fast)
     return saved
 
 
 @contextlib.contextmanager
-def binary_masks(model, threshold: float) -> Iterator[None]:
+def binary_masks(model, threshold: float, roi_align: str = "torchvision") -> Iterator[None]:
     """The inference fast path. Within the block, the eval ``masks`` of ``model`` (a Mask
     R-CNN with a :class:`LesionTransform`, or a model holding one as ``detector``) are
     boolean ``[K, 1, H, W]``: the pasted masks ``> threshold``, pasted box by box
-    (:func:`paste_masks_binary`), with their pixel counts as ``mask_areas`` (int64 ``[K]``), and the mask branch runs on channels-last features
-    (:meth:`LesionRoIHeads.mask_logits`: oneDNN's faster convolution layout; mask logits
-    change by rounding, ~1e-5, boxes, scores and labels not at all), and RoI Align runs in
-    ``torch.get_num_threads()`` threads (:class:`ThreadedRoIAlign`, bitwise the same).
-    Other models are left as they are."""
+    (:func:`paste_masks_binary`), with their pixel counts as ``mask_areas`` (int64 ``[K]``);
+    the mask branch runs on channels-last features (:meth:`LesionRoIHeads.mask_logits`:
+    oneDNN's faster convolution layout, and :class:`LesionMaskPredictor`'s blocked GEMMs);
+    and RoI Align is ``roi_align``: ``"gather"`` (opt-in), one weighted gather on all
+    threads (:class:`~ctlesion.models.roi_align_gather.GatherRoIAlign`, read by
+    :class:`LesionBoxHead` without a transpose), or ``"torchvision"`` (default), torchvision's kernel
+    in ``torch.get_num_threads()`` threads (:class:`ThreadedRoIAlign`, bitwise the stock
+    pooling). With the gather, box features, and so boxes and scores, change by float32
+    summation order (~1e-6; the issue's bound is 1e-4, tested; but a joint model's class
+    probabilities then move past the author-equivalence test's rtol 1e-5, so it is not the
+    default yet); with ``"torchvision"`` the
+    boxes, scores and labels are bitwise stock. Mask logits change by rounding (~1e-5) either
+    way. Other models are left as they are."""
+    if roi_align not in ROI_ALIGN_KERNELS:
+        raise ValueError(f"roi_align must be one of {ROI_ALIGN_KERNELS}, got {roi_align!r}")
     det = getattr(model, "detector", model)
     transform = getattr(det, "transform", None)
     if not isinstance(transform, LesionTransform):
@@ -428,7 +513,7 @@ def binary_masks(model, threshold: float) -> Iterator[None]:
     pools = []
     if heads is not None:
         heads.mask_channels_last = True
-        pools = _threaded_pools(heads, torch.get_num_threads())
+        pools = _fast_pools(heads, torch.get_num_threads(), roi_align)
     try:
         yield
     finally:

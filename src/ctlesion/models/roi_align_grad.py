@@ -35,6 +35,7 @@ from torch import Tensor
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from .rcnn_parts import _executor, roi_parts
+from .roi_align_gather import _rois, _tracing, axis_taps
 
 __all__ = ["SeparableGradRoIAlign", "axis_weights", "separable_roi_align_backward", "threaded_roi_align"]
 
@@ -46,24 +47,11 @@ def axis_weights(start: Tensor, end: Tensor, bins: int, length: int, sampling_ra
     """``[R, bins, length]``: for each RoI spanning ``[start, end)`` (feature coordinates,
     ``aligned=False``) the weight of each feature row (or column) in each output bin: the
     mean over the bin's ``sampling_ratio`` samples of their bilinear weights, with
-    torchvision's border rules (``roi_align_kernel.cpp``: ``pre_calc_for_bilinear_interpolate``)."""
-    size = (end - start).clamp_min(1.0)
-    bin_size = size / bins
-    offsets = torch.arange(bins, dtype=start.dtype, device=start.device)
-    samples = torch.arange(sampling_ratio, dtype=start.dtype, device=start.device) + 0.5
-    # The same expression as torchvision's: start + p * bin + (i + .5) * bin / grid.
-    coord = (start[:, None, None] + offsets[None, :, None] * bin_size[:, None, None]
-             + samples[None, None, :] * bin_size[:, None, None] / sampling_ratio)        # [R, bins, samples]
-    inside = ((coord >= -1.0) & (coord <= length)).to(start.dtype)
-    coord = coord.clamp_min(0.0)
-    low = coord.floor().clamp_max(length - 1)
-    coord = torch.where(low >= length - 1, low, coord)
-    high = (low + 1).clamp_max(length - 1)
-    frac = coord - low
-    weights = torch.zeros((*coord.shape, length), dtype=start.dtype, device=start.device)
-    weights.scatter_add_(3, low.long()[..., None], ((1 - frac) * inside)[..., None])
-    weights.scatter_add_(3, high.long()[..., None], (frac * inside)[..., None])
-    return weights.sum(2) / sampling_ratio
+    torchvision's border rules (:func:`~ctlesion.models.roi_align_gather.axis_taps`, spread
+    over the axis)."""
+    index, weight = axis_taps(start, end, bins, length, sampling_ratio)
+    out = weight.new_zeros((len(start), bins, length))
+    return out.scatter_add_(2, index, weight)
 
 
 def separable_roi_align_backward(grad: Tensor, rois: Tensor, feature_shape: torch.Size, spatial_scale: float,
@@ -119,18 +107,6 @@ class _RoIAlignSeparableGrad(torch.autograd.Function):
         grad_features = separable_roi_align_backward(grad.contiguous(), rois, ctx.shape, ctx.spatial_scale,
                                                      ctx.sampling_ratio)
         return grad_features, None, None, None, None
-
-
-def _rois(boxes: list[Tensor]) -> Tensor:
-    """torchvision's ``[K, 5]`` RoI format: image index, then the box."""
-    index = torch.cat([torch.full((len(b), 1), i, dtype=b.dtype, device=b.device) for i, b in enumerate(boxes)])
-    return torch.cat([index, torch.cat(boxes)], 1)
-
-
-def _tracing() -> bool:
-    """Under TorchScript tracing, ONNX export or ``torch.compile``: the graph must hold
-    torchvision's op, not a Python function with threads."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 
 class SeparableGradRoIAlign(MultiScaleRoIAlign):
