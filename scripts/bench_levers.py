@@ -50,7 +50,7 @@ VARIANTS = [
 @contextlib.contextmanager
 def levers(roi_align: str, mask_channels_last: bool, gemm_predictor: bool = True):
     """The fast path with its RoI Align ``one`` (torchvision's pooler as built),
-    ``torchvision`` (its kernel in threads) or ``gather`` (the default), and / or the
+    ``torchvision`` (its kernel in threads, the default) or ``gather`` (opt-in), and / or the
     channels-last mask branch, and / or the mask predictor's GEMM path off."""
     fast_pools, mask_logits = parts._fast_pools, parts.LesionRoIHeads.mask_logits
     fast_predictor = parts.LesionMaskPredictor._fast

@@ -27,7 +27,8 @@ pools and scores the same proposals), and :func:`binary_masks` makes
 (:func:`paste_masks_binary`: the stock values, thresholded box by box, without a float
 ``[K, H, W]`` image per detection; ``mask_areas``, the pixel count of each, is counted on
 the way), runs the mask branch on channels-last features and
-RoI Align in threads (:class:`ThreadedRoIAlign`); :func:`mask_branch_precision` puts only
+RoI Align in threads (:class:`ThreadedRoIAlign`) or, opt-in, as one gather
+(:class:`~ctlesion.models.roi_align_gather.GatherRoIAlign`); :func:`mask_branch_precision` puts only
 the mask branch in bfloat16 (opt-in).
 """
 
@@ -50,7 +51,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import boxes as box_ops
 
-from .roi_align_gather import GatherRoIAlign
+from .roi_align_gather import GatherRoIAlign, _tracing
 
 __all__ = ["LesionRPN", "LesionRoIHeads", "LesionBoxHead", "LesionMaskPredictor", "LesionTransform", "DETECTION_FILTERS", "keep_detections",
            "paste_masks_binary", "paste_masks_binary_with_areas", "binary_masks", "mask_branch_precision", "ThreadedRoIAlign"]
@@ -286,8 +287,7 @@ class LesionMaskPredictor(MaskRCNNPredictor):
         return (x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32
                 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
                 and not (torch.is_grad_enabled() and (x.requires_grad or up.weight.requires_grad))
-                and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
-                and not torch.compiler.is_compiling()
+                and not torch.is_autocast_enabled("cpu") and not _tracing()
                 and up.kernel_size == (2, 2) and up.stride == (2, 2) and up.padding == (0, 0)
                 and up.output_padding == (0, 0) and up.dilation == (1, 1) and up.groups == 1
                 and up.bias is not None and self.mask_fcn_logits.bias is not None)

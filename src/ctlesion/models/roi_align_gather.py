@@ -113,6 +113,8 @@ def _rois(boxes: list[Tensor]) -> Tensor:
 
 
 def _tracing() -> bool:
+    """Under TorchScript tracing, ONNX export or ``torch.compile``: the graph must hold
+    torchvision's ops, not a Python function with threads or blocks."""
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 
