@@ -7,10 +7,10 @@ the stock torchvision reference of the same shape (``docs/benchmarks.md``).
 Variants, each timed through ``ctlesion benchmark``'s own per-batch call (512², 128 forced
 masked detections, random weights): the path before the levers (mask branch on contiguous
 features, one RoI Align call), + the mask branch on channels-last features, + torchvision's
-RoI Align in threads, + RoI Align as one gather (opt-in), + the mask predictor as blocked GEMMs
-(with the gather, and with threads = the default), and the default with the opt-in ``--precision bf16-mask`` and
-``--channels-last``, and the default with ``--compile`` (``torch.compile`` of the backbone;
-compiled in the warm-up round). The "before" variants switch the levers off by patching
+RoI Align in threads, + RoI Align as one gather, + the mask predictor as blocked GEMMs (= the
+default), the default with ``--roi-align torchvision``, and the default with the opt-in
+``--precision bf16-mask`` / ``bf16`` and ``--channels-last``, and with ``--compile``
+(``torch.compile`` of the backbone; compiled in the warm-up round). The "before" variants switch the levers off by patching
 ``ctlesion.models.rcnn_parts`` for the duration of their call, which is why this is a
 script and not a ``ctlesion benchmark`` option. Prints the medians and the median per-round
 ratio to stock; ``--json`` keeps them with the machine and load.
@@ -36,21 +36,23 @@ VARIANTS = [
     ("before (one RoI Align call, contiguous mask branch)", "one", False, False, "fp32", False, False),
     ("+ mask branch channels-last", "one", True, False, "fp32", False, False),
     ("+ torchvision's RoI Align in threads", "torchvision", True, False, "fp32", False, False),
-    ("+ RoI Align as one gather (opt-in)", "gather", True, False, "fp32", False, False),
-    ("+ mask predictor as GEMMs, gather", "gather", True, True, "fp32", False, False),
-    ("+ mask predictor as GEMMs, threads (the default)", "torchvision", True, True, "fp32", False, False),
-    ("default + --precision bf16-mask", "torchvision", True, True, "bf16-mask", False, False),
-    ("default + --channels-last", "torchvision", True, True, "fp32", True, False),
-    ("default + --channels-last --precision bf16-mask", "torchvision", True, True, "bf16-mask", True, False),
-    ("default + --compile", "torchvision", True, True, "fp32", False, True),
-    ("default + --compile --precision bf16-mask", "torchvision", True, True, "bf16-mask", False, True),
+    ("+ RoI Align as one gather", "gather", True, False, "fp32", False, False),
+    ("+ mask predictor as GEMMs (the default)", "gather", True, True, "fp32", False, False),
+    ("default with --roi-align torchvision (its kernel in threads)", "torchvision", True, True, "fp32", False, False),
+    ("default + --precision bf16-mask", "gather", True, True, "bf16-mask", False, False),
+    ("default + --precision bf16", "gather", True, True, "bf16", False, False),
+    ("default + --channels-last", "gather", True, True, "fp32", True, False),
+    ("default + --channels-last --precision bf16-mask", "gather", True, True, "bf16-mask", True, False),
+    ("default + --channels-last --precision bf16", "gather", True, True, "bf16", True, False),
+    ("default + --compile", "gather", True, True, "fp32", False, True),
+    ("default + --compile --precision bf16-mask", "gather", True, True, "bf16-mask", False, True),
 ]
 
 
 @contextlib.contextmanager
 def levers(roi_align: str, mask_channels_last: bool, gemm_predictor: bool = True):
     """The fast path with its RoI Align ``one`` (torchvision's pooler as built),
-    ``torchvision`` (its kernel in threads, the default) or ``gather`` (opt-in), and / or the
+    ``torchvision`` (its kernel in threads) or ``gather`` (the default), and / or the
     channels-last mask branch, and / or the mask predictor's GEMM path off."""
     fast_pools, mask_logits = parts._fast_pools, parts.LesionRoIHeads.mask_logits
     fast_predictor = parts.LesionMaskPredictor._fast

@@ -90,24 +90,35 @@ def _author_mask_areas(outputs) -> list[int] | None:
 
 @needs_fixtures
 @params
-def test_predict_on_the_png_gives_the_authors_outputs(fixture, runs, tmp_path, capsys):
+@pytest.mark.parametrize("roi_align", ["torchvision", "gather"])
+def test_predict_on_the_png_gives_the_authors_outputs(fixture, roi_align, runs, tmp_path, capsys):
+    """``--roi-align torchvision`` (the stock pooling) gives the author's outputs at float32
+    rounding; the default gather moves them by its summation order, within the issue-11
+    bounds (boxes and scores 1e-4 beyond predictions.jsonl's rounding; class log-probabilities,
+    i.e. logits up to their common shift, 5e-4; the most seen is 1.8e-4, affinity-r18)."""
     run = runs(fixture)
     png = _slice_png(fixture, tmp_path / f"{fixture.name}.png")
     out = tmp_path / "pred"
     assert main(["predict", "--checkpoint", str(run.checkpoint), str(png), "--window", "as_stored",
-                 "--out", str(out), "--overlays", "none", "--quiet"]) == 0
+                 "--out", str(out), "--overlays", "none", "--quiet", "--roi-align", roi_align]) == 0
     record = json.loads((out / "predictions.jsonl").read_text().splitlines()[0])
     outputs = np.load(fixture / "outputs.npz")
+    exact = roi_align == "torchvision"
     logits = next((outputs[k] for k in ("image_logits", "final_logits") if k in outputs.files), None)
     if logits is not None:
         expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
-        np.testing.assert_allclose(list(record["probabilities"].values()), expected, rtol=1e-5, atol=1e-7)
+        probabilities = np.array(list(record["probabilities"].values()))
+        if exact:
+            np.testing.assert_allclose(probabilities, expected, rtol=1e-5, atol=1e-7)
+        else:
+            np.testing.assert_allclose(np.log(probabilities), np.log(expected), rtol=0, atol=5e-4)
     if "det_boxes" in outputs.files:
         lesions = record.get("lesions", record)
         assert len(lesions["scores"]) == len(outputs["det_scores"])
         # predictions.jsonl rounds boxes to 2 decimals and scores to 4
-        np.testing.assert_allclose(np.array(lesions["boxes"]).reshape(-1, 4), outputs["det_boxes"], atol=0.005 + 1e-6)
-        np.testing.assert_allclose(lesions["scores"], outputs["det_scores"], atol=5e-5 + 1e-7)
+        slack = 1e-6 if exact else 1e-4
+        np.testing.assert_allclose(np.array(lesions["boxes"]).reshape(-1, 4), outputs["det_boxes"], atol=0.005 + slack)
+        np.testing.assert_allclose(lesions["scores"], outputs["det_scores"], atol=5e-5 + slack)
         areas = _author_mask_areas(outputs)
         if areas is not None:
             assert lesions["areas_px"] == areas

@@ -13,7 +13,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from ctlesion.models.rcnn_parts import (LesionBoxHead, LesionMaskPredictor, ThreadedRoIAlign, _fast_pools,
-                                        binary_masks)
+                                        binary_masks, roi_align_kernel)
 from ctlesion.models.roi_align_gather import GatherRoIAlign, axis_taps, gather_roi_align
 from ctlesion.registry import create_model, default_model_config
 
@@ -101,7 +101,7 @@ def test_no_boxes_and_a_first_call_that_sets_up_the_scales():
     assert pool.scales == [0.25]
 
 
-@pytest.mark.parametrize("case", ["grad", "autocast", "adaptive", "float64"])
+@pytest.mark.parametrize("case", ["grad", "adaptive", "float64"])
 def test_cases_it_does_not_cover_go_to_the_fallback(case):
     pool = MultiScaleRoIAlign(["0"], 7, 0 if case == "adaptive" else 2)
     spy = _Spy(pool)
@@ -109,19 +109,32 @@ def test_cases_it_does_not_cover_go_to_the_fallback(case):
     x = torch.randn(1, 4, 16, 16, dtype=torch.float64 if case == "float64" else torch.float32,
                     requires_grad=case == "grad")
     boxes = [_boxes(10, (64, 64)).to(x.dtype)]
-    if case == "autocast":
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            gather({"0": x}, boxes, [(64, 64)])
-    else:
-        out = gather({"0": x}, boxes, [(64, 64)])
-        if case == "grad":
-            out.sum().backward()
-            assert x.grad is not None
+    out = gather({"0": x}, boxes, [(64, 64)])
+    if case == "grad":
+        out.sum().backward()
+        assert x.grad is not None
     assert spy.calls == 1
     with torch.inference_mode():
         if case not in ("adaptive", "float64"):
             gather({"0": x.detach().float()}, [b.float() for b in boxes], [(64, 64)])
             assert spy.calls == 1                                     # covered: no fallback call
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_under_autocast_it_pools_in_float32_as_torchvisions_autocast_kernel(dtype):
+    torch.manual_seed(5)
+    names = ["0", "1"]
+    pool = MultiScaleRoIAlign(names, 7, 2)
+    features = {n: torch.randn(1, 8, s, s).to(dtype) for n, s in zip(names, (32, 16))}
+    boxes = [_boxes(40, (128, 128), seed=6)]
+    spy = _Spy(pool)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = pool(features, boxes, [(128, 128)])
+        got = GatherRoIAlign(pool, spy)(features, boxes, [(128, 128)])
+    assert spy.calls == 0                                             # the gather ran
+    assert got.dtype == ref.dtype == dtype
+    # both pool in float32 and round once to the features' dtype: at most one bf16 step apart
+    torch.testing.assert_close(got.float(), ref.float(), atol=1e-5, rtol=8e-3)
 
 
 def test_a_fixed_sampling_ratio_is_required():
@@ -170,17 +183,26 @@ def test_binary_masks_pools_by_gather_or_by_threads_and_puts_the_pools_back():
     model = create_model(default_model_config("maskrcnn-r18-s2")).eval()
     heads = model.roi_heads
     box_pool, mask_pool = heads.box_roi_pool, heads.mask_roi_pool
-    with binary_masks(model, 0.5, roi_align="gather"):
+    with binary_masks(model, 0.5):                                     # the default
         assert isinstance(heads.box_roi_pool, GatherRoIAlign) and heads.box_roi_pool.pool is box_pool
         assert isinstance(heads.box_roi_pool.fallback, ThreadedRoIAlign)
         assert isinstance(heads.mask_roi_pool, GatherRoIAlign) and heads.mask_roi_pool.pool is mask_pool
-    with binary_masks(model, 0.5):                                     # the default
+    with binary_masks(model, 0.5, roi_align="torchvision"):
         assert isinstance(heads.box_roi_pool, ThreadedRoIAlign)
+    with roi_align_kernel(model, "torchvision"):                       # what speed_options sets
+        with binary_masks(model, 0.5):
+            assert isinstance(heads.box_roi_pool, ThreadedRoIAlign)
+        with binary_masks(model, 0.5, roi_align="gather"):            # an explicit kernel wins
+            assert isinstance(heads.box_roi_pool, GatherRoIAlign)
+    assert heads.roi_align_kernel == "gather"                          # restored
     assert heads.box_roi_pool is box_pool and heads.mask_roi_pool is mask_pool
     assert len(_fast_pools(heads, 2, "torchvision")) == 2
     heads.box_roi_pool, heads.mask_roi_pool = box_pool, mask_pool
     with pytest.raises(ValueError, match="roi_align"):
         with binary_masks(model, 0.5, roi_align="fast"):
+            pass
+    with pytest.raises(ValueError, match="roi_align"):
+        with roi_align_kernel(model, "fast"):
             pass
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 __all__ = ["main", "build_parser"]
 
 from .config import INFERENCE_PRECISIONS as PRECISIONS
+from .config import INFERENCE_ROI_ALIGN_KERNELS as ROI_ALIGN_KERNELS
 from .errors import ConfigError, CtlesionError
 
 # Problems the user can fix print one line (exit 2): ctlesion's own errors and missing or
@@ -153,7 +154,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         size=args.size, window=args.window, score_thresh=args.score_thresh, nms_thresh=args.nms_thresh,
         max_detections=args.max_detections, f1_weights=_f1_weights(args.f1_weights), overlays=args.overlays,
         device=args.device, progress=not args.quiet, precision=args.precision,
-        channels_last=args.channels_last, torch_compile=args.compile)
+        channels_last=args.channels_last, torch_compile=args.compile, roi_align=args.roi_align)
     (_print_segmentation if metrics["task"] == "segmentation" else _print_classification)(metrics, Path(args.out))
     return 0
 
@@ -188,7 +189,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         overlays=args.overlays, volume_outputs=_volume_outputs(args), aggregate=args.aggregate,
         min_abnormal_fraction=args.min_abnormal_fraction, device=args.device, progress=not args.quiet,
         skip_existing=args.skip_existing, batch_size=args.batch_size, precision=args.precision,
-        channels_last=args.channels_last, torch_compile=args.compile)
+        channels_last=args.channels_last, torch_compile=args.compile, roi_align=args.roi_align)
     if summary.skipped:
         print(f"skipped {len(summary.skipped)} volumes already done (--skip-existing): "
               f"{', '.join(summary.skipped[:5])}{' ...' if len(summary.skipped) > 5 else ''}")
@@ -266,7 +267,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         result = bench.run_benchmark(models, device=args.device, threads=args.threads, batch=args.batch,
                                      detections=args.detections, repeats=args.repeats, warmup=args.warmup,
                                      size=args.size, precision=args.precision, channels_last=args.channels_last,
-                                     torch_compile=args.compile,
+                                     torch_compile=args.compile, roi_align=args.roi_align,
                                      progress=not args.quiet)
         print(bench.format_table(result))
     if args.volume is not None or args.volume_only:
@@ -275,13 +276,20 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
                                         size=args.size, detections=args.detections, device=args.device,
                                         threads=args.threads, repeats=args.volume_repeats, precision=args.precision,
                                         channels_last=args.channels_last, torch_compile=args.compile,
-                                        progress=not args.quiet)
+                                        roi_align=args.roi_align, progress=not args.quiet)
         print(bench.format_volume(volume))
         result["volume"] = volume
     if args.json:
         bench.save_result(args.json, result)
         print(f"wrote {args.json}")
     return 0
+
+
+def _add_roi_align_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--roi-align", choices=ROI_ALIGN_KERNELS, default=ROI_ALIGN_KERNELS[0],
+                   help="RoI Align of the fast path: gather (default; one weighted gather on all threads, "
+                        "boxes and scores move by float32 summation order, ~1e-6) or torchvision "
+                        "(torchvision's kernel, bitwise the stock pooling; slower)")
 
 
 def _add_benchmark_parser(sub) -> None:
@@ -305,6 +313,7 @@ def _add_benchmark_parser(sub) -> None:
     p.add_argument("--channels-last", action="store_true", help="ctlesion models with channels-last weights (opt-in)")
     p.add_argument("--compile", action="store_true",
                    help="ctlesion models with torch.compile on the backbone (opt-in; the warm-up includes compiling)")
+    _add_roi_align_option(p)
     p.add_argument("--volume", nargs="?", const="synthetic", default=None, metavar="SERIES",
                    help="also time `predict` end to end on a DICOM series (default: a synthetic one written here)")
     p.add_argument("--volume-only", action="store_true", help="only the volume benchmark")
@@ -391,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "faster convolutions; pays off for models run at 512 px on long series, not for "
                             "256-px ones such as lesion-semiseg-r18; float rounding changes; needs a C++ "
                             "compiler, else a warning and eager)")
+        _add_roi_align_option(p)
         p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     def model_options(p: argparse.ArgumentParser) -> None:

@@ -22,7 +22,7 @@ import yaml
 from .errors import ConfigError
 
 __all__ = [
-    "INFERENCE_PRECISIONS",
+    "INFERENCE_PRECISIONS", "INFERENCE_ROI_ALIGN_KERNELS",
     "AugmentConfig", "BackboneConfig", "DetectorConfig", "ClassifierConfig", "ModelConfig", "DataConfig", "TrainConfig",
     "EvalConfig", "ExperimentConfig", "ConfigError", "CONFIG_VERSION", "check_augment", "update_dataclass", "apply_overrides",
     "read_yaml", "to_dict",
@@ -32,6 +32,9 @@ __all__ = [
 # Inference precisions of predict / evaluate / benchmark (models/inference.py applies them):
 # fp32; bf16-mask, the mask branch only in bfloat16; bf16, autocast over the whole forward.
 INFERENCE_PRECISIONS = ("fp32", "bf16-mask", "bf16")
+# The inference fast path's RoI Align: one weighted gather (the default), or torchvision's
+# kernel (bitwise the stock pooling).
+INFERENCE_ROI_ALIGN_KERNELS = ("gather", "torchvision")
 
 @dataclass
 class BackboneConfig:

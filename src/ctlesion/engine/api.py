@@ -75,7 +75,7 @@ def evaluate_checkpoint(
     min_area: int | None = None, size: int | None = None, window: str | None = None,
     score_thresh: float | None = None, nms_thresh: float | None = None, max_detections: int | None = None,
     f1_weights=None, overlays: int = 8, device: str = "auto", progress: bool = True, title: str | None = None,
-    precision: str = "fp32", channels_last: bool = False, torch_compile: bool = False,
+    precision: str = "fp32", channels_last: bool = False, torch_compile: bool = False, roi_align: str = "gather",
 ) -> dict:
     """Score ``checkpoint`` on ``data`` (a ``--data`` string, or a :class:`DataConfig` used as
     it is) and write the outputs to ``out``.
@@ -87,7 +87,10 @@ def evaluate_checkpoint(
     slice count). ``precision``: ``fp32``, opt-in ``bf16-mask`` (the mask branch in bfloat16) or
     ``bf16`` (autocast over the whole forward); ``channels_last``: opt-in channels-last
     weights (faster convolutions, last-bit rounding changes); ``torch_compile``: opt-in
-    ``torch.compile`` of the backbone (compiles at the first slice; rounding changes). Returns
+    ``torch.compile`` of the backbone (compiles at the first slice; rounding changes);
+    ``roi_align``: the fast path's RoI Align, ``gather`` (default) or ``torchvision``
+    (bitwise stock pooling; ``gather`` moves boxes and scores by float32 summation order,
+    ~1e-6). Returns
     the metrics (with ``task``). ``checkpoint`` is a folder or a built-in model name
     (verified against its SHA-256).
     """
@@ -96,18 +99,18 @@ def evaluate_checkpoint(
                                    size=size, window=window, score_thresh=score_thresh, nms_thresh=nms_thresh,
                                    max_detections=max_detections, f1_weights=f1_weights, overlays=overlays,
                                    dev=dev, progress=progress, title=title, channels_last=channels_last,
-                                   precision=precision, torch_compile=torch_compile)
-    if precision != "fp32" or channels_last or torch_compile:
+                                   precision=precision, torch_compile=torch_compile, roi_align=roi_align)
+    if precision != "fp32" or channels_last or torch_compile or roi_align != "gather":
         metrics["speed_options"] = {"precision": precision, "channels_last": channels_last,
-                                    "torch_compile": torch_compile}
+                                    "torch_compile": torch_compile, "roi_align": roi_align}
     return metrics
 
 
 def _evaluate_checkpoint(checkpoint, data, out, *, seg_data, split, min_area, size, window, score_thresh,
                          nms_thresh, max_detections, f1_weights, overlays, dev, progress, title,
-                         channels_last=False, precision="fp32", torch_compile=False) -> dict:
+                         channels_last=False, precision="fp32", torch_compile=False, roi_align="gather") -> dict:
     model, cfg, meta = load_checkpoint(resolve_checkpoint(checkpoint))
-    with speed_options(model, dev, precision, channels_last, torch_compile):
+    with speed_options(model, dev, precision, channels_last, torch_compile, roi_align):
         return _evaluate_model(model, cfg, meta, checkpoint, data, out, seg_data=seg_data, split=split,
                                min_area=min_area, size=size, window=window, score_thresh=score_thresh,
                                nms_thresh=nms_thresh, max_detections=max_detections, f1_weights=f1_weights,
@@ -174,7 +177,7 @@ def predict_checkpoint(
     size: int | None = None, score_thresh: float | None = None, overlays: str = "all", volume_outputs=None,
     aggregate: str = "abnormal_fraction", min_abnormal_fraction: float = 0.1, device: str = "auto",
     progress: bool = True, skip_existing: bool = False, batch_size: int = 1, precision: str = "fp32",
-    channels_last: bool = False, torch_compile: bool = False,
+    channels_last: bool = False, torch_compile: bool = False, roi_align: str = "gather",
 ):
     """Run ``checkpoint`` on PNG/JPG slices, DICOM files or series and NIfTI volumes; outputs
     in ``out`` (see ``ctlesion predict``). The window is the inputs' own (``auto``) unless
@@ -186,12 +189,12 @@ def predict_checkpoint(
     Returns the summary
     (:class:`~ctlesion.engine.predict.PredictSummary` for detectors,
     :class:`~ctlesion.engine.predict_classifier.ClassifyPredictSummary` for classifiers).
-    ``precision``, ``channels_last`` and ``torch_compile``: opt-in speed levers (see
+    ``precision``, ``channels_last``, ``torch_compile`` and ``roi_align``: speed levers (see
     :func:`evaluate_checkpoint`). ``checkpoint`` is a folder or a
     built-in model name (verified against its SHA-256)."""
     checkpoint = resolve_checkpoint(checkpoint)
     model, cfg, meta = load_checkpoint(checkpoint)
-    with speed_options(model, resolve_device(device), precision, channels_last, torch_compile):
+    with speed_options(model, resolve_device(device), precision, channels_last, torch_compile, roi_align):
         return _predict_model(model, cfg, meta, checkpoint, inputs, out, window=window, size=size,
                               score_thresh=score_thresh, overlays=overlays, volume_outputs=volume_outputs,
                               aggregate=aggregate, min_abnormal_fraction=min_abnormal_fraction, device=device,

@@ -196,12 +196,13 @@ class _Entry:
 def run_benchmark(models=DEFAULT_MODELS, *, device: str | torch.device = "cpu", threads: int | None = None,
                   batch: int = 1, detections: int = 128, repeats: int = 5, warmup: int = 1, size: int = 512,
                   precision: str = "fp32", channels_last: bool = False, torch_compile: bool = False,
-                  progress: bool = True, seed: int = 0) -> dict:
+                  roi_align: str = "gather", progress: bool = True, seed: int = 0) -> dict:
     """Time every model and its stock reference, interleaved; returns the JSON-ready result.
 
     ``detections`` 0 keeps every model's own thresholds (random weights: arbitrary counts).
-    ``precision``, ``channels_last`` and ``torch_compile`` (opt-in) apply to the ctlesion
-    models only; stock runs in float32, contiguous, eager. With ``torch_compile`` the
+    ``precision``, ``channels_last`` and ``torch_compile`` (opt-in) and ``roi_align`` (the
+    fast path's RoI Align kernel) apply to the ctlesion models only; stock runs in float32,
+    contiguous, eager, with torchvision's RoI Align. With ``torch_compile`` the
     warm-up rounds include the compilation (``compile_s`` in the rows: the first call's time).
     """
     device = torch.device(device)
@@ -234,8 +235,9 @@ def run_benchmark(models=DEFAULT_MODELS, *, device: str | torch.device = "cpu", 
         for round_ in range(warmup + repeats):
             timed_stock = set()
             for e in entries:
-                with _inference_modes(e.model, e.task), \
-                        speed_options(e.model, device, precision, channels_last, torch_compile):
+                # speed_options outside: binary_masks (in _inference_modes) reads its RoI Align kernel
+                with speed_options(e.model, device, precision, channels_last, torch_compile, roi_align), \
+                        _inference_modes(e.model, e.task):
                     t = _time(lambda: e.call(images), device)
                 if round_ == 0:
                     first[e.name] = t
@@ -249,7 +251,8 @@ def run_benchmark(models=DEFAULT_MODELS, *, device: str | torch.device = "cpu", 
                 log(f"round {round_ + 1}/{warmup + repeats} {e.name}: {1000 * t / batch:.0f} ms/slice"
                     + ("" if round_ >= warmup else " (warm-up)"), flush=True)
             if round_ == 0:
-                counts = _detection_counts(entries, stocks, images, device, precision, channels_last, torch_compile)
+                counts = _detection_counts(entries, stocks, images, device, precision, channels_last, torch_compile,
+                                           roi_align)
     rows = []
     for e in entries:
         paired = [a / b for a, b in zip(times[e.name], stock_times[e.stock])]
@@ -263,14 +266,15 @@ def run_benchmark(models=DEFAULT_MODELS, *, device: str | torch.device = "cpu", 
     return {"machine": info, "settings": {"batch": batch, "detections": detections, "repeats": repeats,
                                           "warmup": warmup, "size": size, "precision": precision,
                                           "channels_last": channels_last, "torch_compile": torch_compile,
-                                          "models": list(models)}, "rows": rows}
+                                          "roi_align": roi_align, "models": list(models)}, "rows": rows}
 
 
-def _detection_counts(entries, stocks, images, device, precision, memory_format, compiled) -> dict[str, int]:
+def _detection_counts(entries, stocks, images, device, precision, memory_format, compiled, roi_align) -> dict[str, int]:
     """Detections of the first image, to show the forced count held."""
     counts = {}
     for e in entries:
-        with _inference_modes(e.model, e.task), speed_options(e.model, device, precision, memory_format, compiled):
+        with speed_options(e.model, device, precision, memory_format, compiled, roi_align), \
+                _inference_modes(e.model, e.task):
             out = e.call(images)[0]
         det = out if e.task == "segmentation" else out[2]
         counts[e.name] = None if det is None else int(len(det["scores"]))
@@ -286,7 +290,8 @@ def format_table(result: dict) -> str:
              f"device {m['device']}, load {m['loadavg']} -> {m.get('loadavg_after')}",
              f"{s['size']}x{s['size']}, batch {s['batch']}, detections {s['detections'] or 'as configured'}, "
              f"{s['precision']}{', channels-last' if s.get('channels_last') else ''}"
-             f"{', torch.compile' if s.get('torch_compile') else ''}, {s['repeats']} repeats after {s['warmup']} warm-up",
+             f"{', torch.compile' if s.get('torch_compile') else ''}"
+             f"{', RoI Align ' + s['roi_align'] if s.get('roi_align', 'gather') != 'gather' else ''}, {s['repeats']} repeats after {s['warmup']} warm-up",
              f"{'model':<22} {'median':>8} {'min':>8} {'max':>8} {'sl/s':>7} {'stock med':>9} {'ratio':>6}  "
              f"dets  stock reference"]
     for r in result["rows"]:
@@ -351,8 +356,8 @@ def _benchmark_checkpoint(name: str, folder: Path, detections: int) -> Path:
 def volume_benchmark(model_name: str = "ssm-2branch-r18-s3", *, series: str | Path | None = None,
                      num_slices: int = 30, size: int = 512, detections: int = 128, device: str = "cpu",
                      threads: int | None = None, repeats: int = 1, precision: str = "fp32",
-                     channels_last: bool = False, torch_compile: bool = False, work_dir: str | Path | None = None,
-                     progress: bool = True) -> dict:
+                     channels_last: bool = False, torch_compile: bool = False, roi_align: str = "gather",
+                     work_dir: str | Path | None = None, progress: bool = True) -> dict:
     """``predict`` end to end on a DICOM series (written here unless ``series`` is given):
     seconds per volume and slices/s, against the stock reference's detection-only time over
     the same slices held in memory (interleaved: predict, stock, predict, ...)."""
@@ -381,7 +386,8 @@ def volume_benchmark(model_name: str = "ssm-2branch-r18-s3", *, series: str | Pa
             t = time.perf_counter()
             summary = predict_checkpoint(checkpoint, [series], tmp / f"out{r}", overlays="none",
                                          volume_outputs=None, device=str(dev), progress=False, precision=precision,
-                                         channels_last=channels_last, torch_compile=torch_compile)
+                                         channels_last=channels_last, torch_compile=torch_compile,
+                                         roi_align=roi_align)
             predict_s.append(time.perf_counter() - t)
             with torch.inference_mode():
                 total = 0.0
@@ -398,7 +404,8 @@ def volume_benchmark(model_name: str = "ssm-2branch-r18-s3", *, series: str | Pa
     info["loadavg_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return {"machine": info, "settings": {"model": model_name, "slices": n, "size": size, "detections": detections,
                                           "precision": precision, "channels_last": channels_last,
-                                          "torch_compile": torch_compile, "repeats": repeats, "series": "synthetic" if series is None or str(series).startswith(str(tmp))
+                                          "torch_compile": torch_compile, "roi_align": roi_align, "repeats": repeats,
+                                          "series": "synthetic" if series is None or str(series).startswith(str(tmp))
                                           else str(series)},
             "predict_s": round(p, 2), "predict_runs_s": [round(v, 2) for v in predict_s],
             "predict_slices_per_s": round(n / p, 3), "stock": stock_name, "stock_detection_only_s": round(s, 2),

@@ -61,7 +61,7 @@ def run_detector(
 
 
 def detect_batch(model: torch.nn.Module, images: list[torch.Tensor], mask_thresh: float = 0.5,
-                 roi_align: str = "torchvision") -> list[dict]:
+                 roi_align: str | None = None) -> list[dict]:
     """One forward of an eval-mode detector: compact predictions (CPU, boolean masks);
     ``roi_align``: the fast path's RoI Align (:func:`~ctlesion.models.rcnn_parts.binary_masks`)."""
     with binary_masks(model, mask_thresh, roi_align):

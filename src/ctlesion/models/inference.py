@@ -11,8 +11,10 @@
 * :func:`compiled_backbone`: opt-in ``torch.compile`` of the convolutional backbone (the
   one stage of a fixed shape per slice size; compiled once per model and kept), falling back
   to eager with a warning where compilation fails.
-* :func:`speed_options`: the three together, as ``predict``, ``evaluate`` and
-  ``benchmark`` apply them.
+* :func:`speed_options`: the three together with the fast path's RoI Align kernel
+  (:func:`~ctlesion.models.rcnn_parts.roi_align_kernel`: ``gather``, the default, or
+  ``torchvision``, bitwise stock pooling), as ``predict``, ``evaluate`` and ``benchmark``
+  apply them.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from torch import nn
 
 from ..config import INFERENCE_PRECISIONS
 from ..errors import ConfigError
-from .rcnn_parts import mask_branch_precision
+from .rcnn_parts import ROI_ALIGN_KERNELS, mask_branch_precision, roi_align_kernel
 
-__all__ = ["COMPILED_ATTR", "PRECISIONS", "CompiledModule", "channels_last", "compiled_backbone", "inference_precision",
+__all__ = ["COMPILED_ATTR", "PRECISIONS", "ROI_ALIGN_KERNELS", "CompiledModule", "channels_last", "compiled_backbone", "inference_precision",
            "speed_options"]
 
 PRECISIONS = INFERENCE_PRECISIONS
@@ -125,10 +127,15 @@ def compiled_backbone(model: nn.Module, enabled: bool = True) -> Iterator[nn.Mod
 
 @contextlib.contextmanager
 def speed_options(model: nn.Module, device: torch.device | str, precision: str = "fp32",
-                  channels_last_weights: bool = False, torch_compile: bool = False) -> Iterator[nn.Module]:
-    """The opt-in inference levers around ``model`` for the block: ``precision`` (see
+                  channels_last_weights: bool = False, torch_compile: bool = False,
+                  roi_align: str = ROI_ALIGN_KERNELS[0]) -> Iterator[nn.Module]:
+    """The inference levers around ``model`` for the block: the opt-in ``precision`` (see
     :func:`inference_precision`), channels-last weights (:func:`channels_last`) and
-    ``torch.compile`` of the backbone (:func:`compiled_backbone`)."""
+    ``torch.compile`` of the backbone (:func:`compiled_backbone`), and the fast path's RoI
+    Align kernel (:func:`~ctlesion.models.rcnn_parts.roi_align_kernel`)."""
+    if roi_align not in ROI_ALIGN_KERNELS:
+        raise ConfigError(f"roi_align must be one of {ROI_ALIGN_KERNELS}, not {roi_align!r}")
     layout = channels_last(model) if channels_last_weights else contextlib.nullcontext()
-    with inference_precision(device, precision, model), layout, compiled_backbone(model, torch_compile):
+    with inference_precision(device, precision, model), layout, compiled_backbone(model, torch_compile), \
+            roi_align_kernel(model, roi_align):
         yield model

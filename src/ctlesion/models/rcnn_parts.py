@@ -51,14 +51,17 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import boxes as box_ops
 
+from ..config import INFERENCE_ROI_ALIGN_KERNELS
 from .roi_align_gather import GatherRoIAlign, _tracing
 
 __all__ = ["LesionRPN", "LesionRoIHeads", "LesionBoxHead", "LesionMaskPredictor", "LesionTransform", "DETECTION_FILTERS", "keep_detections",
-           "paste_masks_binary", "paste_masks_binary_with_areas", "binary_masks", "mask_branch_precision", "ThreadedRoIAlign"]
+           "paste_masks_binary", "paste_masks_binary_with_areas", "binary_masks", "mask_branch_precision", "roi_align_kernel", "ThreadedRoIAlign",
+           "ROI_ALIGN_KERNELS"]
 
 DETECTION_FILTERS = ("min_side", "positive_area", "none")
-# The fast path's RoI Align: one weighted gather (GatherRoIAlign), or torchvision's kernel in threads.
-ROI_ALIGN_KERNELS = ("gather", "torchvision")
+# The fast path's RoI Align: one weighted gather (GatherRoIAlign, the default), or
+# torchvision's kernel in threads (ThreadedRoIAlign, bitwise stock pooling).
+ROI_ALIGN_KERNELS = INFERENCE_ROI_ALIGN_KERNELS
 TORCHVISION_RPN_MIN_SIZE = 1e-3
 TORCHVISION_DETECTION_MIN_SIDE = 1e-2
 
@@ -149,10 +152,12 @@ class LesionRoIHeads(RoIHeads):
             raise ValueError(f"mask_paste must be 'probabilities' or 'logits', not {mask_paste!r}")
         self.detection_filter = detection_filter
         self.mask_paste = mask_paste
-        # Inference-only mask branch settings (see mask_logits), set by binary_masks() and
-        # mask_branch_precision(); not part of the model's configuration or state.
+        # Inference-only settings, not part of the model's configuration or state: the mask
+        # branch's (see mask_logits), set by binary_masks() and mask_branch_precision(), and
+        # the fast path's RoI Align kernel (binary_masks), set by roi_align_kernel().
         self.mask_channels_last = False
         self.mask_dtype: torch.dtype | None = None
+        self.roi_align_kernel = ROI_ALIGN_KERNELS[0]
 
     @classmethod
     def like(cls, heads: RoIHeads, **options) -> LesionRoIHeads:
@@ -482,24 +487,24 @@ def _fast_pools(heads: RoIHeads, workers: int, roi_align: str) -> list[tuple[str
 
 
 @contextlib.contextmanager
-def binary_masks(model, threshold: float, roi_align: str = "torchvision") -> Iterator[None]:
+def binary_masks(model, threshold: float, roi_align: str | None = None) -> Iterator[None]:
     """The inference fast path. Within the block, the eval ``masks`` of ``model`` (a Mask
     R-CNN with a :class:`LesionTransform`, or a model holding one as ``detector``) are
     boolean ``[K, 1, H, W]``: the pasted masks ``> threshold``, pasted box by box
     (:func:`paste_masks_binary`), with their pixel counts as ``mask_areas`` (int64 ``[K]``);
     the mask branch runs on channels-last features (:meth:`LesionRoIHeads.mask_logits`:
     oneDNN's faster convolution layout, and :class:`LesionMaskPredictor`'s blocked GEMMs);
-    and RoI Align is ``roi_align``: ``"gather"`` (opt-in), one weighted gather on all
-    threads (:class:`~ctlesion.models.roi_align_gather.GatherRoIAlign`, read by
-    :class:`LesionBoxHead` without a transpose), or ``"torchvision"`` (default), torchvision's kernel
-    in ``torch.get_num_threads()`` threads (:class:`ThreadedRoIAlign`, bitwise the stock
-    pooling). With the gather, box features, and so boxes and scores, change by float32
-    summation order (~1e-6; the issue's bound is 1e-4, tested; but a joint model's class
-    probabilities then move past the author-equivalence test's rtol 1e-5, so it is not the
-    default yet); with ``"torchvision"`` the
-    boxes, scores and labels are bitwise stock. Mask logits change by rounding (~1e-5) either
-    way. Other models are left as they are."""
-    if roi_align not in ROI_ALIGN_KERNELS:
+    and RoI Align is ``roi_align`` (``None``: the heads' ``roi_align_kernel``, which
+    :func:`roi_align_kernel` sets; ``"gather"`` unless set): ``"gather"``, one weighted
+    gather on all threads (:class:`~ctlesion.models.roi_align_gather.GatherRoIAlign`, read
+    by :class:`LesionBoxHead` without a transpose), or ``"torchvision"``, torchvision's
+    kernel in ``torch.get_num_threads()`` threads (:class:`ThreadedRoIAlign`, bitwise the
+    stock pooling). With the gather, box features, and so boxes, scores and class logits,
+    change by float32 summation order (~1e-6; the issue's bound of 1e-4 is tested); with
+    ``"torchvision"`` the boxes, scores and labels are bitwise stock (the author-equivalence
+    tests hold at rtol 1e-5 with it). Mask logits change by rounding (~1e-5) either way.
+    Other models are left as they are."""
+    if roi_align is not None and roi_align not in ROI_ALIGN_KERNELS:
         raise ValueError(f"roi_align must be one of {ROI_ALIGN_KERNELS}, got {roi_align!r}")
     det = getattr(model, "detector", model)
     transform = getattr(det, "transform", None)
@@ -513,7 +518,7 @@ def binary_masks(model, threshold: float, roi_align: str = "torchvision") -> Ite
     pools = []
     if heads is not None:
         heads.mask_channels_last = True
-        pools = _fast_pools(heads, torch.get_num_threads(), roi_align)
+        pools = _fast_pools(heads, torch.get_num_threads(), roi_align or heads.roi_align_kernel)
     try:
         yield
     finally:
@@ -522,6 +527,25 @@ def binary_masks(model, threshold: float, roi_align: str = "torchvision") -> Ite
             heads.mask_channels_last = saved_layout
             for name, pool in pools:
                 setattr(heads, name, pool)
+
+
+@contextlib.contextmanager
+def roi_align_kernel(model, kernel: str) -> Iterator[None]:
+    """Within the block, the fast path (:func:`binary_masks`) of ``model`` (a Mask R-CNN
+    with :class:`LesionRoIHeads`, or a model holding one as ``detector``) pools with
+    ``kernel`` (one of :data:`ROI_ALIGN_KERNELS`); :func:`binary_masks` reads it when it is
+    entered, so enter this first. Other models are left as they are."""
+    if kernel not in ROI_ALIGN_KERNELS:
+        raise ValueError(f"roi_align must be one of {ROI_ALIGN_KERNELS}, got {kernel!r}")
+    heads = getattr(getattr(model, "detector", model), "roi_heads", None)
+    if not isinstance(heads, LesionRoIHeads):
+        yield
+        return
+    saved, heads.roi_align_kernel = heads.roi_align_kernel, kernel
+    try:
+        yield
+    finally:
+        heads.roi_align_kernel = saved
 
 
 @contextlib.contextmanager

@@ -20,10 +20,12 @@ from torchvision's by float32 summation order (``~1e-6``, tested).
 :class:`GatherRoIAlign` wraps a :class:`~torchvision.ops.MultiScaleRoIAlign` (its scales,
 level mapper, output size and sampling ratio; no parameters, the state dict is unchanged)
 and pools every level at once (one table holds all levels' pixels). It defers to
-``fallback`` wherever it does not apply: off the CPU, features other than float32, an
-adaptive ``sampling_ratio``, autograd through the features (training keeps
-:class:`~ctlesion.models.roi_align_grad.SeparableGradRoIAlign`), autocast, tracing
-(ONNX export, ``torch.compile``).
+``fallback`` wherever it does not apply: off the CPU, features other than float32 (or,
+under CPU autocast, the autocast dtype), an adaptive ``sampling_ratio``, autograd through
+the features (training keeps :class:`~ctlesion.models.roi_align_grad.SeparableGradRoIAlign`),
+tracing (ONNX export, ``torch.compile``). Under autocast (opt-in ``--precision bf16``) it
+does what torchvision's autocast RoI Align does: pools in float32 and returns the
+features' dtype.
 """
 
 from __future__ import annotations
@@ -130,10 +132,13 @@ class GatherRoIAlign(nn.Module):
 
     def applies(self, features: list[Tensor]) -> bool:
         """Whether the gather computes this call (else ``fallback``)."""
-        return (bool(features) and all(f.device.type == "cpu" and f.dtype == torch.float32 for f in features)
+        dtypes = {torch.float32}
+        if torch.is_autocast_enabled("cpu"):
+            dtypes.add(torch.get_autocast_dtype("cpu"))
+        return (bool(features) and all(f.device.type == "cpu" and f.dtype in dtypes for f in features)
                 and self.pool.sampling_ratio > 0
                 and not (torch.is_grad_enabled() and any(f.requires_grad for f in features))
-                and not torch.is_autocast_enabled("cpu") and not _tracing())
+                and not _tracing())
 
     def forward(self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes) -> Tensor:
         levels = [features[k] for k in self.pool.featmap_names if k in features]
@@ -144,5 +149,9 @@ class GatherRoIAlign(nn.Module):
             # torchvision infers the scales at its first call and keeps them: let it, on no boxes.
             pool(features, [b[:0] for b in boxes], image_shapes)
         mapped = pool.map_levels(boxes) if len(levels) > 1 else None
-        return gather_roi_align(levels, _rois(boxes), tuple(pool.output_size), list(pool.scales),
-                                pool.sampling_ratio, mapped)
+        dtype = levels[0].dtype
+        # As torchvision's autocast kernel: float32 in, the features' dtype out.
+        with torch.autocast("cpu", enabled=False):
+            out = gather_roi_align([f.float() for f in levels], _rois(boxes).float(), tuple(pool.output_size),
+                                   list(pool.scales), pool.sampling_ratio, mapped)
+        return out.to(dtype)
