@@ -90,20 +90,23 @@ def _author_mask_areas(outputs) -> list[int] | None:
 
 @needs_fixtures
 @params
-@pytest.mark.parametrize("roi_align", ["torchvision", "gather"])
-def test_predict_on_the_png_gives_the_authors_outputs(fixture, roi_align, runs, tmp_path, capsys):
-    """``--roi-align torchvision`` (the stock pooling) gives the author's outputs at float32
-    rounding; the default gather moves them by its summation order, within the issue-11
-    bounds (boxes and scores 1e-4 beyond predictions.jsonl's rounding; class log-probabilities,
-    i.e. logits up to their common shift, 5e-4; the most seen is 1.8e-4, affinity-r18)."""
+@pytest.mark.parametrize("path", ["bitwise-stock", "default"])
+def test_predict_on_the_png_gives_the_authors_outputs(fixture, path, runs, tmp_path, capsys):
+    """``--roi-align torchvision --no-channels-last`` (the stock pooling and weight layout)
+    gives the author's outputs at float32 rounding; the default (the gather, channels-last
+    weights) moves them by summation order and rounding: within the issue-11 bound for
+    boxes and scores (1e-4 beyond predictions.jsonl's rounding); class log-probabilities
+    (logits up to their common shift) within 1e-3: the most seen is 3.5e-4 (affinity-r18,
+    whose mask-feature affinities amplify rounding; the others 1.4e-6 to 2.9e-5)."""
     run = runs(fixture)
     png = _slice_png(fixture, tmp_path / f"{fixture.name}.png")
     out = tmp_path / "pred"
     assert main(["predict", "--checkpoint", str(run.checkpoint), str(png), "--window", "as_stored",
-                 "--out", str(out), "--overlays", "none", "--quiet", "--roi-align", roi_align]) == 0
+                 "--out", str(out), "--overlays", "none", "--quiet",
+                 *(["--roi-align", "torchvision", "--no-channels-last"] if path == "bitwise-stock" else [])]) == 0
     record = json.loads((out / "predictions.jsonl").read_text().splitlines()[0])
     outputs = np.load(fixture / "outputs.npz")
-    exact = roi_align == "torchvision"
+    exact = path == "bitwise-stock"
     logits = next((outputs[k] for k in ("image_logits", "final_logits") if k in outputs.files), None)
     if logits is not None:
         expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
@@ -111,7 +114,7 @@ def test_predict_on_the_png_gives_the_authors_outputs(fixture, roi_align, runs, 
         if exact:
             np.testing.assert_allclose(probabilities, expected, rtol=1e-5, atol=1e-7)
         else:
-            np.testing.assert_allclose(np.log(probabilities), np.log(expected), rtol=0, atol=5e-4)
+            np.testing.assert_allclose(np.log(probabilities), np.log(expected), rtol=0, atol=1e-3)
     if "det_boxes" in outputs.files:
         lesions = record.get("lesions", record)
         assert len(lesions["scores"]) == len(outputs["det_scores"])

@@ -524,3 +524,76 @@ def test_compile_is_an_opt_in_flag_of_predict_evaluate_and_benchmark(command, mo
         with pytest.raises(SystemExit):
             cli.main(args + flags)
         assert seen["torch_compile"] is expected
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "benchmark"])
+def test_the_fast_path_defaults_and_the_bitwise_stock_flags(command, monkeypatch):
+    """The gather and channels-last weights by default; ``--roi-align torchvision
+    --no-channels-last`` asks for the bitwise-stock path; other kernels are refused."""
+    from ctlesion import cli
+    from ctlesion.engine import api, benchmark
+
+    seen = {}
+
+    def capture(*args, **kwargs):
+        seen.update(kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(api, "predict_checkpoint", capture)
+    monkeypatch.setattr(api, "evaluate_checkpoint", capture)
+    monkeypatch.setattr(benchmark, "run_benchmark", capture)
+    args = {"predict": ["predict", "--model", "lesion-semiseg-r18", "x.png", "--out", "o"],
+            "evaluate": ["evaluate", "--model", "lesion-semiseg-r18", "--data", "phantom:4", "--out", "o"],
+            "benchmark": ["benchmark", "--models", "maskrcnn-r18-s2"]}[command]
+    for flags, expected in (([], ("gather", True)), (["--roi-align", "torchvision", "--no-channels-last"],
+                                                     ("torchvision", False))):
+        seen.clear()
+        with pytest.raises(SystemExit):
+            cli.main(args + flags)
+        assert (seen["roi_align"], seen["channels_last"]) == expected
+    with pytest.raises(SystemExit) as err:
+        cli.main(args + ["--roi-align", "fast"])
+    assert err.value.code == 2                                           # argparse's usage error
+
+
+def test_speed_options_set_the_kernel_and_the_weight_layout_and_restore_them():
+    from ctlesion.errors import ConfigError
+    from ctlesion.models.inference import speed_options
+
+    model = _detector()
+    conv = model.backbone.body.conv1.weight
+    heads = model.roi_heads
+    with speed_options(model, "cpu"):
+        assert heads.roi_align_kernel == "gather" and conv.is_contiguous(memory_format=torch.channels_last)
+    with speed_options(model, "cpu", channels_last_weights=False, roi_align="torchvision"):
+        assert heads.roi_align_kernel == "torchvision" and conv.is_contiguous()
+    assert heads.roi_align_kernel == "gather" and conv.is_contiguous()
+    with pytest.raises(ConfigError, match="roi_align"):
+        with speed_options(model, "cpu", roi_align="fast"):
+            pass
+
+
+@pytest.mark.parametrize("name", ["maskrcnn-r18-s2", "ssm-2branch-r18-s3"])
+def test_the_default_speed_options_give_the_stock_detections_and_logits(name):
+    """What predict runs by default (speed_options' gather and channels-last weights, the
+    fast path) against the model as built: the issue-11 bounds."""
+    from ctlesion.models.inference import speed_options
+
+    model = _detector(name, detections=32)
+    images = _images(1, size=96, seed=4)
+    joint = hasattr(model, "detector")
+    with torch.inference_mode():
+        if joint:
+            model.padding_generator = torch.Generator().manual_seed(0)
+            with model.inference():
+                stock = model(images, with_detections=True)
+                model.padding_generator = torch.Generator().manual_seed(0)
+                with speed_options(model, "cpu"), binary_masks(model, 0.5):
+                    fast = model(images, with_detections=True)
+            torch.testing.assert_close(fast.logits, stock.logits, atol=1e-4, rtol=0)
+            stock, fast = stock.detections, fast.detections
+        else:
+            stock = model(images)
+            with speed_options(model, "cpu"):
+                fast = detect_batch(model, images, 0.5)
+    _assert_same_detections(compact_prediction(fast[0], 0.5) if joint else fast[0], stock[0])

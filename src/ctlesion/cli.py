@@ -310,7 +310,8 @@ def _add_benchmark_parser(sub) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="ctlesion models' precision (opt-in bf16-mask: the mask branch in bfloat16; "
                         "bf16: autocast over the whole forward); stock runs in float32")
-    p.add_argument("--channels-last", action="store_true", help="ctlesion models with channels-last weights (opt-in)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="ctlesion models with channels-last weights (default; --no-channels-last: as stored)")
     p.add_argument("--compile", action="store_true",
                    help="ctlesion models with torch.compile on the backbone (opt-in; the warm-up includes compiling)")
     _add_roi_align_option(p)
@@ -393,8 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fp32 (default); bf16-mask: the mask branch in bfloat16 (boxes, scores and "
                             "classes unchanged, masks change by rounding); bf16: autocast over the whole "
                             "forward (experimental: re-ranks low-score detections; see docs/benchmarks.md)")
-        p.add_argument("--channels-last", action="store_true",
-                       help="channels-last weights (opt-in, faster convolutions; last-bit rounding changes)")
+        p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                       help="channels-last weights for the run (default: oneDNN's faster convolutions; outputs "
+                            "change by float32 rounding). With --no-channels-last --roi-align torchvision the "
+                            "detections are bitwise torchvision's (slower)")
         p.add_argument("--compile", action="store_true",
                        help="torch.compile the backbone (opt-in: seconds to compile at the first slice, then "
                             "faster convolutions; pays off for models run at 512 px on long series, not for "

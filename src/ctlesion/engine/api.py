@@ -75,7 +75,7 @@ def evaluate_checkpoint(
     min_area: int | None = None, size: int | None = None, window: str | None = None,
     score_thresh: float | None = None, nms_thresh: float | None = None, max_detections: int | None = None,
     f1_weights=None, overlays: int = 8, device: str = "auto", progress: bool = True, title: str | None = None,
-    precision: str = "fp32", channels_last: bool = False, torch_compile: bool = False, roi_align: str = "gather",
+    precision: str = "fp32", channels_last: bool = True, torch_compile: bool = False, roi_align: str = "gather",
 ) -> dict:
     """Score ``checkpoint`` on ``data`` (a ``--data`` string, or a :class:`DataConfig` used as
     it is) and write the outputs to ``out``.
@@ -85,12 +85,13 @@ def evaluate_checkpoint(
     ``confusion_matrix.png``, ``predictions.jsonl``; joint models also score their
     segmentation branch on ``seg_data``; ``title`` heads the confusion matrix (``{n}``: the
     slice count). ``precision``: ``fp32``, opt-in ``bf16-mask`` (the mask branch in bfloat16) or
-    ``bf16`` (autocast over the whole forward); ``channels_last``: opt-in channels-last
-    weights (faster convolutions, last-bit rounding changes); ``torch_compile``: opt-in
+    ``bf16`` (autocast over the whole forward); ``channels_last``: channels-last weights
+    for the run (default; faster convolutions, float32 rounding changes); ``torch_compile``: opt-in
     ``torch.compile`` of the backbone (compiles at the first slice; rounding changes);
     ``roi_align``: the fast path's RoI Align, ``gather`` (default) or ``torchvision``
     (bitwise stock pooling; ``gather`` moves boxes and scores by float32 summation order,
-    ~1e-6). Returns
+    ~1e-6; ``channels_last=False, roi_align="torchvision"`` gives torchvision's detections
+    bitwise). Returns
     the metrics (with ``task``). ``checkpoint`` is a folder or a built-in model name
     (verified against its SHA-256).
     """
@@ -100,7 +101,7 @@ def evaluate_checkpoint(
                                    max_detections=max_detections, f1_weights=f1_weights, overlays=overlays,
                                    dev=dev, progress=progress, title=title, channels_last=channels_last,
                                    precision=precision, torch_compile=torch_compile, roi_align=roi_align)
-    if precision != "fp32" or channels_last or torch_compile or roi_align != "gather":
+    if precision != "fp32" or not channels_last or torch_compile or roi_align != "gather":
         metrics["speed_options"] = {"precision": precision, "channels_last": channels_last,
                                     "torch_compile": torch_compile, "roi_align": roi_align}
     return metrics
@@ -108,7 +109,7 @@ def evaluate_checkpoint(
 
 def _evaluate_checkpoint(checkpoint, data, out, *, seg_data, split, min_area, size, window, score_thresh,
                          nms_thresh, max_detections, f1_weights, overlays, dev, progress, title,
-                         channels_last=False, precision="fp32", torch_compile=False, roi_align="gather") -> dict:
+                         channels_last=True, precision="fp32", torch_compile=False, roi_align="gather") -> dict:
     model, cfg, meta = load_checkpoint(resolve_checkpoint(checkpoint))
     with speed_options(model, dev, precision, channels_last, torch_compile, roi_align):
         return _evaluate_model(model, cfg, meta, checkpoint, data, out, seg_data=seg_data, split=split,
@@ -177,7 +178,7 @@ def predict_checkpoint(
     size: int | None = None, score_thresh: float | None = None, overlays: str = "all", volume_outputs=None,
     aggregate: str = "abnormal_fraction", min_abnormal_fraction: float = 0.1, device: str = "auto",
     progress: bool = True, skip_existing: bool = False, batch_size: int = 1, precision: str = "fp32",
-    channels_last: bool = False, torch_compile: bool = False, roi_align: str = "gather",
+    channels_last: bool = True, torch_compile: bool = False, roi_align: str = "gather",
 ):
     """Run ``checkpoint`` on PNG/JPG slices, DICOM files or series and NIfTI volumes; outputs
     in ``out`` (see ``ctlesion predict``). The window is the inputs' own (``auto``) unless

@@ -195,13 +195,13 @@ class _Entry:
 
 def run_benchmark(models=DEFAULT_MODELS, *, device: str | torch.device = "cpu", threads: int | None = None,
                   batch: int = 1, detections: int = 128, repeats: int = 5, warmup: int = 1, size: int = 512,
-                  precision: str = "fp32", channels_last: bool = False, torch_compile: bool = False,
+                  precision: str = "fp32", channels_last: bool = True, torch_compile: bool = False,
                   roi_align: str = "gather", progress: bool = True, seed: int = 0) -> dict:
     """Time every model and its stock reference, interleaved; returns the JSON-ready result.
 
     ``detections`` 0 keeps every model's own thresholds (random weights: arbitrary counts).
-    ``precision``, ``channels_last`` and ``torch_compile`` (opt-in) and ``roi_align`` (the
-    fast path's RoI Align kernel) apply to the ctlesion models only; stock runs in float32,
+    ``precision`` and ``torch_compile`` (opt-in), ``channels_last`` (default on) and
+    ``roi_align`` (the fast path's RoI Align kernel) apply to the ctlesion models only; stock runs in float32,
     contiguous, eager, with torchvision's RoI Align. With ``torch_compile`` the
     warm-up rounds include the compilation (``compile_s`` in the rows: the first call's time).
     """
@@ -289,7 +289,7 @@ def format_table(result: dict) -> str:
     lines = [f"torch {m['torch']}, torchvision {m['torchvision']}, {m['cpu']}, {m['threads']} threads, "
              f"device {m['device']}, load {m['loadavg']} -> {m.get('loadavg_after')}",
              f"{s['size']}x{s['size']}, batch {s['batch']}, detections {s['detections'] or 'as configured'}, "
-             f"{s['precision']}{', channels-last' if s.get('channels_last') else ''}"
+             f"{s['precision']}{'' if s.get('channels_last', True) else ', contiguous weights'}"
              f"{', torch.compile' if s.get('torch_compile') else ''}"
              f"{', RoI Align ' + s['roi_align'] if s.get('roi_align', 'gather') != 'gather' else ''}, {s['repeats']} repeats after {s['warmup']} warm-up",
              f"{'model':<22} {'median':>8} {'min':>8} {'max':>8} {'sl/s':>7} {'stock med':>9} {'ratio':>6}  "
@@ -356,7 +356,7 @@ def _benchmark_checkpoint(name: str, folder: Path, detections: int) -> Path:
 def volume_benchmark(model_name: str = "ssm-2branch-r18-s3", *, series: str | Path | None = None,
                      num_slices: int = 30, size: int = 512, detections: int = 128, device: str = "cpu",
                      threads: int | None = None, repeats: int = 1, precision: str = "fp32",
-                     channels_last: bool = False, torch_compile: bool = False, roi_align: str = "gather",
+                     channels_last: bool = True, torch_compile: bool = False, roi_align: str = "gather",
                      work_dir: str | Path | None = None, progress: bool = True) -> dict:
     """``predict`` end to end on a DICOM series (written here unless ``series`` is given):
     seconds per volume and slices/s, against the stock reference's detection-only time over

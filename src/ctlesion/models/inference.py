@@ -3,7 +3,8 @@
 
 * :func:`channels_last`: 4-D weights in channels-last layout for the block (oneDNN's fast
   convolution path on CPU; the values are the same, convolutions may round differently in
-  the last bits), restored afterwards.
+  the last bits), restored afterwards. On by default in ``predict`` / ``evaluate`` /
+  ``benchmark`` (``--no-channels-last`` turns it off).
 * :func:`inference_precision`: ``fp32`` (default), opt-in ``bf16-mask`` (only the mask
   branch in bfloat16: boxes, scores, labels and class logits stay float32 and unchanged, the
   masks change by rounding) or opt-in ``bf16`` (autocast over the whole forward: re-ranks the
@@ -127,12 +128,15 @@ def compiled_backbone(model: nn.Module, enabled: bool = True) -> Iterator[nn.Mod
 
 @contextlib.contextmanager
 def speed_options(model: nn.Module, device: torch.device | str, precision: str = "fp32",
-                  channels_last_weights: bool = False, torch_compile: bool = False,
+                  channels_last_weights: bool = True, torch_compile: bool = False,
                   roi_align: str = ROI_ALIGN_KERNELS[0]) -> Iterator[nn.Module]:
     """The inference levers around ``model`` for the block: the opt-in ``precision`` (see
-    :func:`inference_precision`), channels-last weights (:func:`channels_last`) and
-    ``torch.compile`` of the backbone (:func:`compiled_backbone`), and the fast path's RoI
-    Align kernel (:func:`~ctlesion.models.rcnn_parts.roi_align_kernel`)."""
+    :func:`inference_precision`) and ``torch.compile`` of the backbone
+    (:func:`compiled_backbone`), channels-last weights (:func:`channels_last`; on by
+    default) and the fast path's RoI Align kernel
+    (:func:`~ctlesion.models.rcnn_parts.roi_align_kernel`; the gather by default). With
+    ``channels_last_weights=False, roi_align="torchvision"`` the detections are bitwise
+    torchvision's."""
     if roi_align not in ROI_ALIGN_KERNELS:
         raise ConfigError(f"roi_align must be one of {ROI_ALIGN_KERNELS}, not {roi_align!r}")
     layout = channels_last(model) if channels_last_weights else contextlib.nullcontext()
