@@ -502,9 +502,9 @@ def test_a_failed_compile_warns_once_and_runs_eagerly():
         assert torch.equal(wrapped(x), module(x))                        # no second warning
 
 
-@pytest.mark.parametrize("command", ["predict", "evaluate", "benchmark"])
-def test_compile_is_an_opt_in_flag_of_predict_evaluate_and_benchmark(command, monkeypatch):
-    from ctlesion import cli
+def _captured_cli(command, monkeypatch):
+    """``command``'s arguments for a built-in model, and the dict its API call's keyword
+    arguments land in (the call is replaced by one that records them and exits 0)."""
     from ctlesion.engine import api, benchmark
 
     seen = {}
@@ -516,9 +516,16 @@ def test_compile_is_an_opt_in_flag_of_predict_evaluate_and_benchmark(command, mo
     monkeypatch.setattr(api, "predict_checkpoint", capture)
     monkeypatch.setattr(api, "evaluate_checkpoint", capture)
     monkeypatch.setattr(benchmark, "run_benchmark", capture)
-    args = {"predict": ["predict", "--model", "lesion-semiseg-r18", "x.png", "--out", "o"],
-            "evaluate": ["evaluate", "--model", "lesion-semiseg-r18", "--data", "phantom:4", "--out", "o"],
-            "benchmark": ["benchmark", "--models", "maskrcnn-r18-s2"]}[command]
+    return seen, {"predict": ["predict", "--model", "lesion-semiseg-r18", "x.png", "--out", "o"],
+                  "evaluate": ["evaluate", "--model", "lesion-semiseg-r18", "--data", "phantom:4", "--out", "o"],
+                  "benchmark": ["benchmark", "--models", "maskrcnn-r18-s2"]}[command]
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "benchmark"])
+def test_compile_is_an_opt_in_flag_of_predict_evaluate_and_benchmark(command, monkeypatch):
+    from ctlesion import cli
+
+    seen, args = _captured_cli(command, monkeypatch)
     for flags, expected in (([], False), (["--compile"], True)):
         seen.clear()
         with pytest.raises(SystemExit):
@@ -531,20 +538,8 @@ def test_the_fast_path_defaults_and_the_bitwise_stock_flags(command, monkeypatch
     """The gather and channels-last weights by default; ``--roi-align torchvision
     --no-channels-last`` asks for the bitwise-stock path; other kernels are refused."""
     from ctlesion import cli
-    from ctlesion.engine import api, benchmark
 
-    seen = {}
-
-    def capture(*args, **kwargs):
-        seen.update(kwargs)
-        raise SystemExit(0)
-
-    monkeypatch.setattr(api, "predict_checkpoint", capture)
-    monkeypatch.setattr(api, "evaluate_checkpoint", capture)
-    monkeypatch.setattr(benchmark, "run_benchmark", capture)
-    args = {"predict": ["predict", "--model", "lesion-semiseg-r18", "x.png", "--out", "o"],
-            "evaluate": ["evaluate", "--model", "lesion-semiseg-r18", "--data", "phantom:4", "--out", "o"],
-            "benchmark": ["benchmark", "--models", "maskrcnn-r18-s2"]}[command]
+    seen, args = _captured_cli(command, monkeypatch)
     for flags, expected in (([], ("gather", True)), (["--roi-align", "torchvision", "--no-channels-last"],
                                                      ("torchvision", False))):
         seen.clear()
