@@ -137,9 +137,7 @@ def speed_options(model: nn.Module, device: torch.device | str, precision: str =
     (:func:`~ctlesion.models.rcnn_parts.roi_align_kernel`; the gather by default). With
     ``channels_last_weights=False, roi_align="torchvision"`` the detections are bitwise
     torchvision's."""
-    if roi_align not in ROI_ALIGN_KERNELS:
-        raise ConfigError(f"roi_align must be one of {ROI_ALIGN_KERNELS}, not {roi_align!r}")
+    kernel = roi_align_kernel(model, roi_align)           # checks the name before anything changes
     layout = channels_last(model) if channels_last_weights else contextlib.nullcontext()
-    with inference_precision(device, precision, model), layout, compiled_backbone(model, torch_compile), \
-            roi_align_kernel(model, roi_align):
+    with inference_precision(device, precision, model), layout, compiled_backbone(model, torch_compile), kernel:
         yield model

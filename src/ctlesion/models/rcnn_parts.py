@@ -52,10 +52,12 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import boxes as box_ops
 
 from ..config import INFERENCE_ROI_ALIGN_KERNELS
+from ..errors import ConfigError
 from .roi_align_gather import GatherRoIAlign, _tracing
 
 __all__ = ["LesionRPN", "LesionRoIHeads", "LesionBoxHead", "LesionMaskPredictor", "LesionTransform", "DETECTION_FILTERS", "keep_detections",
-           "paste_masks_binary", "paste_masks_binary_with_areas", "binary_masks", "mask_branch_precision", "roi_align_kernel", "ThreadedRoIAlign",
+           "paste_masks_binary", "paste_masks_binary_with_areas", "binary_masks", "mask_branch_precision", "roi_align_kernel", "check_roi_align_kernel",
+           "ThreadedRoIAlign",
            "ROI_ALIGN_KERNELS"]
 
 DETECTION_FILTERS = ("min_side", "positive_area", "none")
@@ -504,8 +506,8 @@ def binary_masks(model, threshold: float, roi_align: str | None = None) -> Itera
     ``"torchvision"`` the boxes, scores and labels are bitwise stock (the author-equivalence
     tests hold at rtol 1e-5 with it). Mask logits change by rounding (~1e-5) either way.
     Other models are left as they are."""
-    if roi_align is not None and roi_align not in ROI_ALIGN_KERNELS:
-        raise ValueError(f"roi_align must be one of {ROI_ALIGN_KERNELS}, got {roi_align!r}")
+    if roi_align is not None:
+        check_roi_align_kernel(roi_align)
     det = getattr(model, "detector", model)
     transform = getattr(det, "transform", None)
     if not isinstance(transform, LesionTransform):
@@ -529,37 +531,42 @@ def binary_masks(model, threshold: float, roi_align: str | None = None) -> Itera
                 setattr(heads, name, pool)
 
 
+def check_roi_align_kernel(kernel: str) -> None:
+    """A :class:`~ctlesion.errors.ConfigError` unless ``kernel`` is one of
+    :data:`ROI_ALIGN_KERNELS`."""
+    if kernel not in ROI_ALIGN_KERNELS:
+        raise ConfigError(f"roi_align must be one of {ROI_ALIGN_KERNELS}, not {kernel!r}")
+
+
 @contextlib.contextmanager
-def roi_align_kernel(model, kernel: str) -> Iterator[None]:
+def _heads_setting(model, name: str, value) -> Iterator[None]:
+    """Within the block, the inference-only setting ``name`` of ``model``'s
+    :class:`LesionRoIHeads` (its own, or its ``detector``'s) is ``value``; restored after.
+    Other models are left as they are."""
+    heads = getattr(getattr(model, "detector", model), "roi_heads", None)
+    if not isinstance(heads, LesionRoIHeads):
+        yield
+        return
+    saved = getattr(heads, name)
+    setattr(heads, name, value)
+    try:
+        yield
+    finally:
+        setattr(heads, name, saved)
+
+
+def roi_align_kernel(model, kernel: str) -> contextlib.AbstractContextManager[None]:
     """Within the block, the fast path (:func:`binary_masks`) of ``model`` (a Mask R-CNN
     with :class:`LesionRoIHeads`, or a model holding one as ``detector``) pools with
     ``kernel`` (one of :data:`ROI_ALIGN_KERNELS`); :func:`binary_masks` reads it when it is
     entered, so enter this first. Other models are left as they are."""
-    if kernel not in ROI_ALIGN_KERNELS:
-        raise ValueError(f"roi_align must be one of {ROI_ALIGN_KERNELS}, got {kernel!r}")
-    heads = getattr(getattr(model, "detector", model), "roi_heads", None)
-    if not isinstance(heads, LesionRoIHeads):
-        yield
-        return
-    saved, heads.roi_align_kernel = heads.roi_align_kernel, kernel
-    try:
-        yield
-    finally:
-        heads.roi_align_kernel = saved
+    check_roi_align_kernel(kernel)
+    return _heads_setting(model, "roi_align_kernel", kernel)
 
 
-@contextlib.contextmanager
-def mask_branch_precision(model, dtype: torch.dtype | None) -> Iterator[None]:
+def mask_branch_precision(model, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[None]:
     """Within the block, the mask branch of ``model`` (a Mask R-CNN with
     :class:`LesionRoIHeads`, or a model holding one as ``detector``) runs under autocast to
     ``dtype`` (``None``: float32); the rest of the model is untouched. Other models are
     left as they are."""
-    heads = getattr(getattr(model, "detector", model), "roi_heads", None)
-    if not isinstance(heads, LesionRoIHeads):
-        yield
-        return
-    saved, heads.mask_dtype = heads.mask_dtype, dtype
-    try:
-        yield
-    finally:
-        heads.mask_dtype = saved
+    return _heads_setting(model, "mask_dtype", dtype)
