@@ -8,9 +8,10 @@ Variants, each timed through ``ctlesion benchmark``'s own per-batch call (512²,
 masked detections, random weights): the path before the levers (mask branch on contiguous
 features, one RoI Align call), + the mask branch on channels-last features, + torchvision's
 RoI Align in threads, + RoI Align as one gather, + the mask predictor as blocked GEMMs, +
-channels-last weights (= the default), the bitwise-stock settings (``--roi-align torchvision
---no-channels-last``), and the default with the opt-in ``--precision bf16-mask`` / ``bf16``
-and ``--compile`` (``torch.compile`` of the backbone; compiled in the warm-up round). The "before" variants switch the levers off by patching
+channels-last weights, + the box heads' fc6 as 7x7 convolutions (= the default), the
+bitwise-stock settings (``--roi-align torchvision --no-channels-last``), and the default
+with the opt-in ``--precision bf16-mask`` / ``bf16`` and ``--compile`` (``torch.compile`` of
+the backbone; compiled in the warm-up round). The "before" variants switch the levers off by patching
 ``ctlesion.models.rcnn_parts`` for the duration of their call, which is why this is a
 script and not a ``ctlesion benchmark`` option. Prints the medians and the median per-round
 ratio to stock; ``--json`` keeps them with the machine and load.
@@ -31,30 +32,35 @@ from ctlesion.models.inference import speed_options
 from ctlesion.registry import create_model, default_model_config, get_entry
 
 # name, RoI Align (one stock call / stock in threads / gather), mask branch channels-last,
-# mask predictor as blocked GEMMs, precision, channels-last weights, compile
+# mask predictor as blocked GEMMs, precision, channels-last weights, compile, box heads' fc6
+# as a 7x7 convolution
 VARIANTS = [
-    ("before (one RoI Align call, contiguous mask branch)", "one", False, False, "fp32", False, False),
-    ("+ mask branch channels-last", "one", True, False, "fp32", False, False),
-    ("+ torchvision's RoI Align in threads", "torchvision", True, False, "fp32", False, False),
-    ("+ RoI Align as one gather", "gather", True, False, "fp32", False, False),
-    ("+ mask predictor as GEMMs", "gather", True, True, "fp32", False, False),
-    ("+ channels-last weights (the default)", "gather", True, True, "fp32", True, False),
-    ("--roi-align torchvision --no-channels-last (bitwise stock)", "torchvision", True, True, "fp32", False, False),
-    ("default + --precision bf16-mask", "gather", True, True, "bf16-mask", True, False),
-    ("default + --precision bf16", "gather", True, True, "bf16", True, False),
-    ("default + --compile", "gather", True, True, "fp32", True, True),
-    ("default + --compile --precision bf16-mask", "gather", True, True, "bf16-mask", True, True),
-    ("default + --compile --precision bf16", "gather", True, True, "bf16", True, True),
+    ("before (one RoI Align call, contiguous mask branch)", "one", False, False, "fp32", False, False, False),
+    ("+ mask branch channels-last", "one", True, False, "fp32", False, False, False),
+    ("+ torchvision's RoI Align in threads", "torchvision", True, False, "fp32", False, False, False),
+    ("+ RoI Align as one gather", "gather", True, False, "fp32", False, False, False),
+    ("+ mask predictor as GEMMs", "gather", True, True, "fp32", False, False, False),
+    ("+ channels-last weights", "gather", True, True, "fp32", True, False, False),
+    ("+ box heads' fc6 as 7x7 convolutions (the default)", "gather", True, True, "fp32", True, False, True),
+    ("--roi-align torchvision --no-channels-last (bitwise stock)", "torchvision", True, True, "fp32", False, False,
+     True),
+    ("default + --precision bf16-mask", "gather", True, True, "bf16-mask", True, False, True),
+    ("default + --precision bf16", "gather", True, True, "bf16", True, False, True),
+    ("default + --compile", "gather", True, True, "fp32", True, True, True),
+    ("default + --compile --precision bf16-mask", "gather", True, True, "bf16-mask", True, True, True),
+    ("default + --compile --precision bf16", "gather", True, True, "bf16", True, True, True),
 ]
 
 
 @contextlib.contextmanager
-def levers(roi_align: str, mask_channels_last: bool, gemm_predictor: bool = True):
+def levers(roi_align: str, mask_channels_last: bool, gemm_predictor: bool = True, box_conv: bool = True):
     """The fast path with its RoI Align ``one`` (torchvision's pooler as built),
     ``torchvision`` (its kernel in threads) or ``gather`` (the default), and / or the
-    channels-last mask branch, and / or the mask predictor's GEMM path off."""
+    channels-last mask branch, and / or the mask predictor's GEMM path, and / or the box
+    heads' fc6 as a convolution off."""
     fast_pools, mask_logits = parts._fast_pools, parts.LesionRoIHeads.mask_logits
     fast_predictor = parts.LesionMaskPredictor._fast
+    conv_min_rois = parts.LesionBoxHead.conv_min_rois
 
     def contiguous_mask_logits(self, *args):
         saved, self.mask_channels_last = self.mask_channels_last, False
@@ -71,11 +77,14 @@ def levers(roi_align: str, mask_channels_last: bool, gemm_predictor: bool = True
         parts.LesionRoIHeads.mask_logits = contiguous_mask_logits
     if not gemm_predictor:
         parts.LesionMaskPredictor._fast = lambda self, x: False
+    if not box_conv:
+        parts.LesionBoxHead.conv_min_rois = float("inf")
     try:
         yield
     finally:
         parts._fast_pools, parts.LesionRoIHeads.mask_logits = fast_pools, mask_logits
         parts.LesionMaskPredictor._fast = fast_predictor
+        parts.LesionBoxHead.conv_min_rois = conv_min_rois
 
 
 def bench_model(name: str, repeats: int, size: int, detections: int, variants: list[tuple]) -> dict:
@@ -96,8 +105,8 @@ def bench_model(name: str, repeats: int, size: int, detections: int, variants: l
             t = bm._time(lambda: stock(images), cpu)
             if round_:
                 stock_times.append(t)
-            for variant, roi_align, mask_cl, gemm, precision, channels_last, compiled in variants:
-                with levers(roi_align, mask_cl, gemm), bm._inference_modes(model, task), \
+            for variant, roi_align, mask_cl, gemm, precision, channels_last, compiled, box_conv in variants:
+                with levers(roi_align, mask_cl, gemm, box_conv), bm._inference_modes(model, task), \
                         speed_options(model, cpu, precision, channels_last, compiled):
                     t = bm._time(lambda: call(images), cpu)
                 if round_:

@@ -142,7 +142,9 @@ def test_a_fixed_sampling_ratio_is_required():
         gather_roi_align([torch.zeros(1, 2, 4, 4)], torch.zeros((1, 5)), (2, 2), [1.0], 0)
 
 
-def test_box_head_reads_channels_last_features_as_the_stock_head():
+@pytest.mark.parametrize("conv_min_rois", [1, 13])      # fc6 as a 7x7 convolution / as a permuted GEMM
+def test_box_head_reads_channels_last_features_as_the_stock_head(conv_min_rois, monkeypatch):
+    monkeypatch.setattr(LesionBoxHead, "conv_min_rois", conv_min_rois)
     torch.manual_seed(3)
     stock = TwoMLPHead(8 * 7 * 7, 16)
     head = LesionBoxHead(8 * 7 * 7, 16)

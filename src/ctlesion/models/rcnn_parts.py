@@ -258,17 +258,28 @@ class LesionBoxHead(TwoMLPHead):
     features in channels-last strides without copying them: :class:`GatherRoIAlign` returns
     its ``[R, C, 7, 7]`` that way, and ``flatten`` would transpose all of it (50 MB for the
     1,000 proposals of a 512² slice) for each head that reads it (the joint models have two).
-    Instead ``fc6`` reads the features in their memory order (``[R, 7*7*C]``) with its weight's
-    columns permuted to match: the same products, summed in another order (~1e-6).
+
+    On such input ``fc6`` runs as what it is, a ``7x7`` convolution with no padding over each
+    RoI (its weight viewed as ``[out, C, 7, 7]``, the order ``flatten`` gives), which oneDNN
+    does on channels-last input in 18-19 ms against 23-26 ms for MKL's GEMM over the 1,000
+    proposals of a 512² slice on the 2-core box (``docs/benchmarks.md``, seventh pass). Below
+    :attr:`conv_min_rois` RoIs the convolution's set-up costs more than it saves, and ``fc6``
+    reads the features in their memory order (``[R, 7*7*C]``) with its weight's columns
+    permuted to match. Both are the same products summed in another order (~1e-6).
     Contiguous input takes torchvision's path."""
+
+    conv_min_rois = 32
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
             return super().forward(x)
         rois, channels, height, width = x.shape
-        weight = self.fc6.weight.view(-1, channels, height, width).permute(0, 2, 3, 1).reshape(
-            self.fc6.out_features, -1)
-        x = F.relu(F.linear(x.permute(0, 2, 3, 1).reshape(rois, -1), weight, self.fc6.bias))
+        weight = self.fc6.weight.view(-1, channels, height, width)
+        if rois >= self.conv_min_rois:
+            x = F.relu(F.conv2d(x, weight, self.fc6.bias).flatten(1))
+        else:
+            weight = weight.permute(0, 2, 3, 1).reshape(self.fc6.out_features, -1)
+            x = F.relu(F.linear(x.permute(0, 2, 3, 1).reshape(rois, -1), weight, self.fc6.bias))
         return F.relu(self.fc7(x))
 
 
