@@ -23,9 +23,12 @@ and pools every level at once (one table holds all levels' pixels). It defers to
 ``fallback`` wherever it does not apply: off the CPU, features other than float32 (or,
 under CPU autocast, the autocast dtype), an adaptive ``sampling_ratio``, autograd through
 the features (training keeps :class:`~ctlesion.models.roi_align_grad.SeparableGradRoIAlign`),
-tracing (ONNX export, ``torch.compile``). Under autocast (opt-in ``--precision bf16``) it
-does what torchvision's autocast RoI Align does: pools in float32 and returns the
-features' dtype.
+tracing (ONNX export, ``torch.compile``). Under autocast (opt-in ``--precision bf16``) the
+features arrive in bfloat16 and the gather pools them in bfloat16 (the table as it is, the
+tap weights rounded to it; the kernel accumulates in float32), where torchvision's autocast
+RoI Align pools in float32 and rounds once: results within one bfloat16 step of the
+largest feature (tested), for 5-6x less time (the float32 pool writes twice the bytes and is then cast;
+``docs/benchmarks.md``, seventh pass). Float32 features under autocast pool in float32.
 """
 
 from __future__ import annotations
@@ -84,11 +87,12 @@ def gather_roi_align(features: list[Tensor], rois: Tensor, output_size: tuple[in
     """torchvision's ``roi_align(..., aligned=False)`` of ``rois`` (``[R, 5]``: image index,
     box in image coordinates), each on the level ``levels[r]`` of ``features`` (``[B, C, H, W]``
     each; ``levels`` ``None``: one level) at that level's scale, as one weighted gather.
-    Returns ``[R, C, P, Q]`` in channels-last strides."""
+    Returns ``[R, C, P, Q]`` in channels-last strides, in the features' dtype (the taps are
+    placed in ``rois``' dtype, float32, and their weights rounded to the features' dtype)."""
     if sampling_ratio <= 0:
         raise ValueError(f"gather_roi_align needs a fixed sampling_ratio > 0, got {sampling_ratio}")
     table, starts = _table(features)
-    device, dtype = table.device, table.dtype
+    device, dtype = table.device, rois.dtype
     pooled_h, pooled_w = output_size
     level = (torch.zeros(len(rois), dtype=torch.long, device=device) if levels is None
              else levels.to(device=device, dtype=torch.long))
@@ -103,7 +107,7 @@ def gather_roi_align(features: list[Tensor], rois: Tensor, output_size: tuple[in
     taps = iy.shape[-1] * ix.shape[-1]
     index = (base[:, None, None, None, None] + iy[:, :, None, :, None] * width.long()[:, None, None, None, None]
              + ix[:, None, :, None, :]).reshape(-1, taps)
-    weight = (wy[:, :, None, :, None] * wx[:, None, :, None, :]).reshape(-1, taps)
+    weight = (wy[:, :, None, :, None] * wx[:, None, :, None, :]).reshape(-1, taps).to(table.dtype)
     out = F.embedding_bag(index, table, mode="sum", per_sample_weights=weight)       # [R*P*Q, C]
     return out.view(len(rois), pooled_h, pooled_w, table.shape[1]).permute(0, 3, 1, 2)
 
@@ -149,9 +153,9 @@ class GatherRoIAlign(nn.Module):
             # torchvision infers the scales at its first call and keeps them: let it, on no boxes.
             pool(features, [b[:0] for b in boxes], image_shapes)
         mapped = pool.map_levels(boxes) if len(levels) > 1 else None
-        dtype = levels[0].dtype
-        # As torchvision's autocast kernel: float32 in, the features' dtype out.
+        # The levels' common dtype (float32 with float32 features, else the autocast dtype);
+        # the boxes' arithmetic in float32 either way.
+        dtype = levels[0].dtype if all(f.dtype == levels[0].dtype for f in levels) else torch.float32
         with torch.autocast("cpu", enabled=False):
-            out = gather_roi_align([f.float() for f in levels], _rois(boxes).float(), tuple(pool.output_size),
-                                   list(pool.scales), pool.sampling_ratio, mapped)
-        return out.to(dtype)
+            return gather_roi_align([f.to(dtype) for f in levels], _rois(boxes).float(), tuple(pool.output_size),
+                                    list(pool.scales), pool.sampling_ratio, mapped)
