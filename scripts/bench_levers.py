@@ -11,8 +11,10 @@ RoI Align in threads, + RoI Align as one gather, + the mask predictor as blocked
 channels-last weights, + the box heads' fc6 as 7x7 convolutions (= the default), the
 bitwise-stock settings (``--roi-align torchvision --no-channels-last``), and the default
 with the opt-in ``--precision bf16-mask`` / ``bf16`` and ``--compile`` (``torch.compile`` of
-the backbone; compiled in the warm-up round). The "before" variants switch the levers off by patching
-``ctlesion.models.rcnn_parts`` for the duration of their call, which is why this is a
+the backbone; compiled in the warm-up round), and bf16 with the float32 pooling it had
+before. The "before" variants switch the levers off by patching
+``ctlesion.models.rcnn_parts`` and ``roi_align_gather`` for the duration of their call
+(``--variants`` picks them by number, 1-based in this order), which is why this is a
 script and not a ``ctlesion benchmark`` option. Prints the medians and the median per-round
 ratio to stock; ``--json`` keeps them with the machine and load.
 """
@@ -23,44 +25,56 @@ import argparse
 import contextlib
 import json
 import statistics
+from dataclasses import dataclass
 
 import torch
 
 import ctlesion.models.rcnn_parts as parts
+import ctlesion.models.roi_align_gather as gather
 from ctlesion.engine import benchmark as bm
 from ctlesion.models.inference import speed_options
 from ctlesion.registry import create_model, default_model_config, get_entry
 
-# name, RoI Align (one stock call / stock in threads / gather), mask branch channels-last,
-# mask predictor as blocked GEMMs, precision, channels-last weights, compile, box heads' fc6
-# as a 7x7 convolution
+@dataclass(frozen=True)
+class Variant:
+    """One setting of the levers; the defaults are the default path."""
+    name: str
+    roi_align: str = "gather"           # "one" (torchvision's pooler as built) / "torchvision" (in threads) / "gather"
+    mask_channels_last: bool = True      # the mask branch on channels-last features
+    gemm_predictor: bool = True          # the mask predictor as blocked GEMMs
+    precision: str = "fp32"
+    channels_last: bool = True           # channels-last weights
+    compiled: bool = False
+    box_conv: bool = True                # the box heads' fc6 as a 7x7 convolution
+    bf16_pooling: bool = True            # under bf16 autocast, the gather pools in bfloat16
+
+
+BEFORE = dict(mask_channels_last=False, gemm_predictor=False, channels_last=False, box_conv=False)
 VARIANTS = [
-    ("before (one RoI Align call, contiguous mask branch)", "one", False, False, "fp32", False, False, False),
-    ("+ mask branch channels-last", "one", True, False, "fp32", False, False, False),
-    ("+ torchvision's RoI Align in threads", "torchvision", True, False, "fp32", False, False, False),
-    ("+ RoI Align as one gather", "gather", True, False, "fp32", False, False, False),
-    ("+ mask predictor as GEMMs", "gather", True, True, "fp32", False, False, False),
-    ("+ channels-last weights", "gather", True, True, "fp32", True, False, False),
-    ("+ box heads' fc6 as 7x7 convolutions (the default)", "gather", True, True, "fp32", True, False, True),
-    ("--roi-align torchvision --no-channels-last (bitwise stock)", "torchvision", True, True, "fp32", False, False,
-     True),
-    ("default + --precision bf16-mask", "gather", True, True, "bf16-mask", True, False, True),
-    ("default + --precision bf16", "gather", True, True, "bf16", True, False, True),
-    ("default + --compile", "gather", True, True, "fp32", True, True, True),
-    ("default + --compile --precision bf16-mask", "gather", True, True, "bf16-mask", True, True, True),
-    ("default + --compile --precision bf16", "gather", True, True, "bf16", True, True, True),
+    Variant("before (one RoI Align call, contiguous mask branch)", roi_align="one", **BEFORE),
+    Variant("+ mask branch channels-last", roi_align="one", **{**BEFORE, "mask_channels_last": True}),
+    Variant("+ torchvision's RoI Align in threads", roi_align="torchvision", **{**BEFORE, "mask_channels_last": True}),
+    Variant("+ RoI Align as one gather", **{**BEFORE, "mask_channels_last": True}),
+    Variant("+ mask predictor as GEMMs", channels_last=False, box_conv=False),
+    Variant("+ channels-last weights", box_conv=False),
+    Variant("+ box heads' fc6 as 7x7 convolutions (the default)"),
+    Variant("--roi-align torchvision --no-channels-last (bitwise stock)", roi_align="torchvision", channels_last=False),
+    Variant("default + --precision bf16-mask", precision="bf16-mask"),
+    Variant("default + --precision bf16", precision="bf16"),
+    Variant("default + --compile", compiled=True),
+    Variant("default + --compile --precision bf16-mask", precision="bf16-mask", compiled=True),
+    Variant("default + --compile --precision bf16", precision="bf16", compiled=True),
+    Variant("default + --precision bf16, float32 pooling (before)", precision="bf16", bf16_pooling=False),
 ]
 
 
 @contextlib.contextmanager
-def levers(roi_align: str, mask_channels_last: bool, gemm_predictor: bool = True, box_conv: bool = True):
-    """The fast path with its RoI Align ``one`` (torchvision's pooler as built),
-    ``torchvision`` (its kernel in threads) or ``gather`` (the default), and / or the
-    channels-last mask branch, and / or the mask predictor's GEMM path, and / or the box
-    heads' fc6 as a convolution off."""
+def levers(v: Variant):
+    """The fast path with the levers of ``v`` off where it says so (patched for the block)."""
     fast_pools, mask_logits = parts._fast_pools, parts.LesionRoIHeads.mask_logits
     fast_predictor = parts.LesionMaskPredictor._fast
     conv_min_rois = parts.LesionBoxHead.conv_min_rois
+    gather_forward = gather.GatherRoIAlign.forward
 
     def contiguous_mask_logits(self, *args):
         saved, self.mask_channels_last = self.mask_channels_last, False
@@ -69,25 +83,32 @@ def levers(roi_align: str, mask_channels_last: bool, gemm_predictor: bool = True
         finally:
             self.mask_channels_last = saved
 
-    if roi_align == "one":
+    def float32_pooling(self, features, boxes, image_shapes):
+        dtype = next(iter(features.values())).dtype
+        return gather_forward(self, {k: f.float() for k, f in features.items()}, boxes, image_shapes).to(dtype)
+
+    if v.roi_align == "one":
         parts._fast_pools = lambda heads, workers, kernel: []
     else:
-        parts._fast_pools = lambda heads, workers, kernel: fast_pools(heads, workers, roi_align)
-    if not mask_channels_last:
+        parts._fast_pools = lambda heads, workers, kernel: fast_pools(heads, workers, v.roi_align)
+    if not v.mask_channels_last:
         parts.LesionRoIHeads.mask_logits = contiguous_mask_logits
-    if not gemm_predictor:
+    if not v.gemm_predictor:
         parts.LesionMaskPredictor._fast = lambda self, x: False
-    if not box_conv:
+    if not v.box_conv:
         parts.LesionBoxHead.conv_min_rois = float("inf")
+    if not v.bf16_pooling:
+        gather.GatherRoIAlign.forward = float32_pooling
     try:
         yield
     finally:
         parts._fast_pools, parts.LesionRoIHeads.mask_logits = fast_pools, mask_logits
         parts.LesionMaskPredictor._fast = fast_predictor
         parts.LesionBoxHead.conv_min_rois = conv_min_rois
+        gather.GatherRoIAlign.forward = gather_forward
 
 
-def bench_model(name: str, repeats: int, size: int, detections: int, variants: list[tuple]) -> dict:
+def bench_model(name: str, repeats: int, size: int, detections: int, variants: list[Variant]) -> dict:
     cfg, task = default_model_config(name), get_entry(name).task
     torch.manual_seed(0)
     model = create_model(cfg).eval()
@@ -98,19 +119,19 @@ def bench_model(name: str, repeats: int, size: int, detections: int, variants: l
     call = bm._ctlesion_call(model, task)
     images = [torch.rand((1, size, size), generator=torch.Generator().manual_seed(0))]
     cpu = torch.device("cpu")
-    times = {v[0]: [] for v in variants}
+    times = {v.name: [] for v in variants}
     stock_times = []
     with torch.inference_mode():
         for round_ in range(repeats + 1):          # round 0: warm-up
             t = bm._time(lambda: stock(images), cpu)
             if round_:
                 stock_times.append(t)
-            for variant, roi_align, mask_cl, gemm, precision, channels_last, compiled, box_conv in variants:
-                with levers(roi_align, mask_cl, gemm, box_conv), bm._inference_modes(model, task), \
-                        speed_options(model, cpu, precision, channels_last, compiled):
+            for v in variants:
+                with levers(v), bm._inference_modes(model, task), \
+                        speed_options(model, cpu, v.precision, v.channels_last, v.compiled):
                     t = bm._time(lambda: call(images), cpu)
                 if round_:
-                    times[variant].append(t)
+                    times[v.name].append(t)
     return {"stock": stock_name, "stock_median_ms": round(1000 * statistics.median(stock_times), 1),
             "variants": {v: {"median_ms": round(1000 * statistics.median(ts), 1),
                              "ratio": round(statistics.median([a / b for a, b in zip(ts, stock_times)]), 3)}
