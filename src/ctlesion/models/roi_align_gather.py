@@ -27,8 +27,9 @@ tracing (ONNX export, ``torch.compile``). Under autocast (opt-in ``--precision b
 features arrive in bfloat16 and the gather pools them in bfloat16 (the table as it is, the
 tap weights rounded to it; the kernel accumulates in float32), where torchvision's autocast
 RoI Align pools in float32 and rounds once: results within one bfloat16 step of the
-largest feature (tested), for 5-6x less time (the float32 pool writes twice the bytes and is then cast;
-``docs/benchmarks.md``, seventh pass). Float32 features under autocast pool in float32.
+largest feature (tested), for 5-6x less time (the float32 pool writes twice the bytes,
+then is cast; ``docs/benchmarks.md``, seventh pass). Float32 features under autocast pool
+in float32.
 """
 
 from __future__ import annotations
@@ -153,9 +154,11 @@ class GatherRoIAlign(nn.Module):
             # torchvision infers the scales at its first call and keeps them: let it, on no boxes.
             pool(features, [b[:0] for b in boxes], image_shapes)
         mapped = pool.map_levels(boxes) if len(levels) > 1 else None
-        # The levels' common dtype (float32 with float32 features, else the autocast dtype);
-        # the boxes' arithmetic in float32 either way.
+        # Pooled in the levels' common dtype (float32, or under autocast bfloat16), else in
+        # float32; the boxes' arithmetic in float32 either way; returned in the first level's
+        # dtype, as torchvision's pooler does.
         dtype = levels[0].dtype if all(f.dtype == levels[0].dtype for f in levels) else torch.float32
         with torch.autocast("cpu", enabled=False):
-            return gather_roi_align([f.to(dtype) for f in levels], _rois(boxes).float(), tuple(pool.output_size),
-                                    list(pool.scales), pool.sampling_ratio, mapped)
+            out = gather_roi_align([f.to(dtype) for f in levels], _rois(boxes).float(), tuple(pool.output_size),
+                                   list(pool.scales), pool.sampling_ratio, mapped)
+        return out.to(levels[0].dtype)
