@@ -11,7 +11,7 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 from ctlesion.engine.evaluate import compact_prediction, detect_batch, mask_areas
 from ctlesion.models.maskrcnn import set_detection_settings
 from ctlesion.models.rcnn_parts import (
-    binary_masks, logit_mask_scores, paste_masks_binary, paste_masks_binary_with_areas,
+    binary_masks, logit_mask_scores, paste_masks_binary, paste_masks_binary_with_areas, pasted_mask_areas,
 )
 from ctlesion.registry import create_model, default_model_config
 
@@ -57,6 +57,7 @@ def test_binary_paste_equals_stock_paste_then_threshold(threshold):
     assert torch.equal(again, fast) and areas.dtype == torch.int64
     assert torch.equal(areas, stock[:, 0].flatten(1).sum(1))          # counted while pasting
     assert areas[1] > 0                                               # the whole-image box
+    assert torch.equal(pasted_mask_areas(masks, boxes, (64, 60), threshold), areas)   # without frames
 
 
 @pytest.mark.parametrize("logit_threshold", [0.5, 0.0, -0.5])
@@ -70,6 +71,7 @@ def test_binary_paste_of_logits_equals_the_ctm_logit_pasting(logit_threshold):
     assert torch.equal(fast, stock)
     _, areas = paste_masks_binary_with_areas(logits, boxes, (48, 48), 0.5, logit_threshold=logit_threshold)
     assert torch.equal(areas, stock[:, 0].flatten(1).sum(1))          # background counted where it is True
+    assert torch.equal(pasted_mask_areas(logits, boxes, (48, 48), 0.5, logit_threshold=logit_threshold), areas)
     if logit_threshold < 0:       # outside every box the pasted logit 0 is above the threshold
         assert fast[0, 0, 47, 0]
 
@@ -79,6 +81,8 @@ def test_binary_paste_of_no_detections():
     assert out.shape == (0, 1, 32, 32) and out.dtype == torch.bool
     _, areas = paste_masks_binary_with_areas(torch.zeros((0, 1, 28, 28)), torch.zeros((0, 4)), (32, 32), 0.5)
     assert areas.shape == (0,) and areas.dtype == torch.int64
+    only = pasted_mask_areas(torch.zeros((0, 1, 28, 28)), torch.zeros((0, 4)), (32, 32), 0.5)
+    assert only.shape == (0,) and only.dtype == torch.int64
 
 
 def test_binary_paste_counts_a_box_outside_the_image():
@@ -89,6 +93,8 @@ def test_binary_paste_counts_a_box_outside_the_image():
                                                       (32, 32), 0.5, logit_threshold=logit_threshold)
         assert areas[0] == outside
         assert torch.equal(areas, frames[:, 0].flatten(1).sum(1))
+        assert torch.equal(pasted_mask_areas(masks if logit_threshold is None else -masks, boxes, (32, 32), 0.5,
+                                             logit_threshold=logit_threshold), areas)
 
 
 def _assert_same_detections(fast, stock, mask_thresh=0.5):
@@ -408,6 +414,48 @@ def test_predict_with_bf16_mask_keeps_the_boxes_scores_and_labels(tmp_path):
         assert len(a["scores"]) == 6
         assert (a["boxes"], a["scores"], a["labels"]) == (b["boxes"], b["scores"], b["labels"])
         assert len(b["areas_px"]) == 6
+
+
+def test_predict_without_overlays_builds_no_mask_frames_and_writes_the_same_lines(tmp_path, monkeypatch):
+    import json
+
+    import ctlesion.models.rcnn_parts as parts
+    from ctlesion.engine.api import predict_checkpoint
+
+    ckpt, inputs = _forced_checkpoint_and_slices(tmp_path, 1)
+    framed = []
+
+    def spy(*args, **kwargs):
+        framed.append(1)
+        return paste_masks_binary_with_areas(*args, **kwargs)
+
+    monkeypatch.setattr(parts, "paste_masks_binary_with_areas", spy)
+    runs = {}
+    for overlays in ("all", "none"):
+        framed.clear()
+        predict_checkpoint(ckpt, inputs, tmp_path / overlays, overlays=overlays, device="cpu", progress=False)
+        runs[overlays] = ([json.loads(line) for line in (tmp_path / overlays / "predictions.jsonl").read_text()
+                           .splitlines()], len(framed))
+    (with_overlays, framed_all), (without, framed_none) = runs["all"], runs["none"]
+    assert framed_all == 2 and framed_none == 0            # frames only where overlays are drawn
+    assert len(list((tmp_path / "all" / "overlays").glob("*.png"))) == 2
+    assert not (tmp_path / "none" / "overlays").exists()
+    assert len(without) == 2 and all(len(line["scores"]) == 6 for line in without)
+    assert without == with_overlays                       # areas counted box-locally: the same numbers
+    assert all(sum(line["areas_px"]) > 0 for line in without)
+
+
+def test_detect_batch_without_frames_gives_the_areas_of_the_frames():
+    model = _detector()
+    images = _images(2)
+    with torch.inference_mode():
+        framed = detect_batch(model, images)
+        counted = detect_batch(model, images, frames=False)
+    for a, b in zip(framed, counted):
+        assert "masks" in a and "masks" not in b
+        assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])
+        assert torch.equal(b["mask_areas"], mask_areas(a["masks"])) and len(b["mask_areas"]) == len(b["scores"]) > 0
+    assert model.transform.mask_frames is True             # restored after the block
 
 
 @pytest.mark.parametrize("shape", [(5, 33, 47), (0, 8, 8), (3, 1, 1)])

@@ -28,8 +28,9 @@ def compact_prediction(pred: dict[str, torch.Tensor], mask_thresh: float) -> dic
     """
     # Reduced-precision runs (bf16 autocast) may leave scores in bfloat16: float32 for every consumer.
     out = {k: (v.float() if v.is_floating_point() else v).detach().cpu() for k, v in pred.items() if k != "masks"}
-    masks = pred["masks"][:, 0]
-    out["masks"] = (masks if masks.dtype == torch.bool else masks > mask_thresh).cpu()
+    if "masks" in pred:       # absent on the fast path without frames: only ``mask_areas``
+        masks = pred["masks"][:, 0]
+        out["masks"] = (masks if masks.dtype == torch.bool else masks > mask_thresh).cpu()
     return out
 
 
@@ -48,23 +49,25 @@ def mask_areas(masks: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def run_detector(
     model: torch.nn.Module, samples: Iterable[list[Sample]], device: torch.device,
-    mask_thresh: float = 0.5, progress: bool = True, total: int | None = None,
+    mask_thresh: float = 0.5, progress: bool = True, total: int | None = None, frames: bool = True,
 ):
     """Yield ``(sample, compact prediction)`` for every sample of every batch.
 
     The fast path (``docs/benchmarks.md``), with the stock outputs: masks are pasted
-    straight into boolean frames (:func:`~ctlesion.models.rcnn_parts.binary_masks`)."""
+    straight into boolean frames (:func:`~ctlesion.models.rcnn_parts.binary_masks`), or
+    with ``frames=False`` only counted (``mask_areas``, no ``masks``)."""
     model.eval().to(device)
     for batch in tqdm(samples, disable=not progress, total=total, desc="predict", unit="batch",
                       dynamic_ncols=True):
-        yield from zip(batch, detect_batch(model, [s.image.to(device) for s in batch], mask_thresh))
+        yield from zip(batch, detect_batch(model, [s.image.to(device) for s in batch], mask_thresh, frames=frames))
 
 
 def detect_batch(model: torch.nn.Module, images: list[torch.Tensor], mask_thresh: float = 0.5,
-                 roi_align: str | None = None) -> list[dict]:
-    """One forward of an eval-mode detector: compact predictions (CPU, boolean masks);
-    ``roi_align``: the fast path's RoI Align (:func:`~ctlesion.models.rcnn_parts.binary_masks`)."""
-    with binary_masks(model, mask_thresh, roi_align):
+                 roi_align: str | None = None, frames: bool = True) -> list[dict]:
+    """One forward of an eval-mode detector: compact predictions (CPU, boolean masks;
+    ``frames=False``: their pixel counts only); ``roi_align``: the fast path's RoI Align
+    (:func:`~ctlesion.models.rcnn_parts.binary_masks`)."""
+    with binary_masks(model, mask_thresh, roi_align, frames):
         outputs = model(images)
     return [compact_prediction(pred, mask_thresh) for pred in outputs]
 

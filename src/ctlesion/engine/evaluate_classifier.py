@@ -46,18 +46,20 @@ def slice_record(sample: Sample, probabilities: torch.Tensor, class_names, rois:
 def run_classifier(
     model, batches: Iterable[list[Sample]], device: torch.device, *, cls_bn: str = "eval", seed: int = 0,
     with_detections: bool = False, progress: bool = True, total: int | None = None, mask_thresh: float = 0.5,
+    frames: bool = True,
 ):
     """Yield ``(sample, probabilities [C], rois, detection)`` for every sample.
 
     Probabilities are the softmax of the logits (the papers predict the argmax, which is
     the same under softmax). The RoI-batch padding is seeded by ``seed`` (spec §10 #29),
     and the model's modes are restored afterwards. Detection masks are boolean
-    (the stock pasted masks ``> mask_thresh``, :func:`~ctlesion.models.rcnn_parts.binary_masks`).
+    (the stock pasted masks ``> mask_thresh``, :func:`~ctlesion.models.rcnn_parts.binary_masks`);
+    ``frames=False``: only their pixel counts (``mask_areas``, no ``masks``).
     """
     model.to(device)
     model.padding_generator = torch.Generator().manual_seed(seed)
     try:
-        with model.inference(cls_bn), binary_masks(model, mask_thresh):
+        with model.inference(cls_bn), binary_masks(model, mask_thresh, frames=frames):
             for batch in tqdm(batches, disable=not progress, total=total, desc="classify", unit="batch",
                               dynamic_ncols=True):
                 images = [s.image.to(device) for s in batch]

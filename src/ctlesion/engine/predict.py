@@ -44,9 +44,10 @@ class PredictSummary:
 
 def prediction_record(sample: Sample, pred: dict[str, torch.Tensor], class_names: tuple[str, ...]) -> dict:
     """One JSON line: where the slice came from and what was found on it."""
-    # The fast path counted the pixels while pasting (``mask_areas``); otherwise count them here.
+    # The fast path counted the pixels while pasting (``mask_areas``; without frames, only
+    # that); otherwise count them here.
     areas = pred.get("mask_areas")
-    areas_px = (areas if areas is not None else mask_areas(pred["masks"])).tolist() if len(pred["masks"]) else []
+    areas_px = (areas if areas is not None else mask_areas(pred["masks"])).tolist() if len(pred["scores"]) else []
     if sample.spacing is not None:
         pixel_mm2 = float(sample.spacing[0]) * float(sample.spacing[1])
         areas_mm2 = [round(a * pixel_mm2, 3) for a in areas_px]
@@ -105,8 +106,10 @@ def predict_inputs(
         counts["detections"] += len(record["scores"])
         counts["with_lesions"] += int(bool(record["scores"]))
 
+    # Mask images only where something draws or assembles them; the lines need the areas only.
+    frames = overlay_dir is not None or assembler is not None
     with PredictionLines(out_dir, dataset) as lines:
-        for sample, pred in run_detector(model, loader, device, 0.5, progress, len(loader)):
+        for sample, pred in run_detector(model, loader, device, 0.5, progress, len(loader), frames=frames):
             record = prediction_record(sample, pred, class_names)
             lines.add(sample, record)
             count(record)

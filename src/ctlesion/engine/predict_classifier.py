@@ -132,11 +132,13 @@ def predict_classification(
     def write_volume(done) -> None:
         writer.write(done, verdict=verdict_of(done.probabilities) if done.probabilities else None)
 
+    # Mask images only where something draws or assembles them; the lines need the areas only.
+    frames = overlay_dir is not None or assembler is not None
     with PredictionLines(out_dir, dataset) as lines:
         for sample, probs, rois, det in run_classifier(model, _reseeded_per_volume(model, loader, seed), device,
                                                        cls_bn=cls_bn, seed=seed,
                                                        with_detections=has_masks, progress=progress,
-                                                       total=len(loader)):
+                                                       total=len(loader), frames=frames):
             record, lesions = _slice_prediction(sample, probs, rois, det, names, lesion_names)
             lines.add(sample, record)
             count(record)

@@ -26,7 +26,8 @@ pools and scores the same proposals), and :func:`binary_masks` makes
 :class:`LesionTransform` paste masks straight into boolean frames
 (:func:`paste_masks_binary`: the stock values, thresholded box by box, without a float
 ``[K, H, W]`` image per detection; ``mask_areas``, the pixel count of each, is counted on
-the way), runs the mask branch on channels-last features and
+the way; with ``frames=False``, for callers that draw and assemble nothing, only counted:
+:func:`pasted_mask_areas`), runs the mask branch on channels-last features and
 RoI Align in threads (:class:`ThreadedRoIAlign`) or, opt-in, as one gather
 (:class:`~ctlesion.models.roi_align_gather.GatherRoIAlign`); :func:`mask_branch_precision` puts only
 the mask branch in bfloat16 (opt-in).
@@ -56,7 +57,7 @@ from ..errors import ConfigError
 from .roi_align_gather import GatherRoIAlign, _tracing
 
 __all__ = ["LesionRPN", "LesionRoIHeads", "LesionBoxHead", "LesionMaskPredictor", "LesionTransform", "DETECTION_FILTERS", "keep_detections",
-           "paste_masks_binary", "paste_masks_binary_with_areas", "binary_masks", "mask_branch_precision", "roi_align_kernel", "check_roi_align_kernel",
+           "paste_masks_binary", "paste_masks_binary_with_areas", "pasted_mask_areas", "binary_masks", "mask_branch_precision", "roi_align_kernel", "check_roi_align_kernel",
            "ThreadedRoIAlign",
            "ROI_ALIGN_KERNELS"]
 
@@ -345,8 +346,10 @@ class LesionTransform(GeneralizedRCNNTransform):
         super().__init__(*args, **kwargs)
         self.per_image = per_image
         self.mask_logit_threshold = float(mask_logit_threshold)
-        # Set by binary_masks(): eval ``masks`` come out as booleans ``stock masks > this``.
+        # Set by binary_masks(): eval ``masks`` come out as booleans ``stock masks > this``, and
+        # without frames only their pixel counts (``mask_areas``, no ``masks``).
         self.binary_mask_threshold: float | None = None
+        self.mask_frames = True
 
     def normalize(self, image: Tensor) -> Tensor:
         if not self.per_image:
@@ -363,15 +366,26 @@ class LesionTransform(GeneralizedRCNNTransform):
         if self.training:
             return result
         for pred, size, probs in zip(result, original_image_sizes, local):
-            if binary is not None and probs is not None:
-                pred["masks"], pred["mask_areas"] = paste_masks_binary_with_areas(probs, pred["boxes"], size, binary)
-            elif binary is not None and "mask_logits" in pred:
-                pred["masks"], pred["mask_areas"] = paste_masks_binary_with_areas(
-                    pred.pop("mask_logits"), pred["boxes"], size, binary, logit_threshold=self.mask_logit_threshold)
+            if binary is not None and (probs is not None or "mask_logits" in pred):
+                self._paste_binary(pred, probs, size, binary)
             elif "mask_logits" in pred:
                 pasted = paste_masks_in_image(pred.pop("mask_logits"), pred["boxes"], size)
                 pred["masks"] = logit_mask_scores(pasted, self.mask_logit_threshold)
         return result
+
+    def _paste_binary(self, pred: dict, probs: Tensor | None, size: tuple[int, int], threshold: float) -> None:
+        """``masks`` (boolean frames) and ``mask_areas`` of one eval prediction from its
+        box-local mask probabilities (or, without them, its ``mask_logits``); only
+        ``mask_areas`` when :attr:`mask_frames` is off."""
+        masks, logit_threshold = probs, None
+        if masks is None:
+            masks, logit_threshold = pred.pop("mask_logits"), self.mask_logit_threshold
+        if self.mask_frames:
+            pred["masks"], pred["mask_areas"] = paste_masks_binary_with_areas(
+                masks, pred["boxes"], size, threshold, logit_threshold=logit_threshold)
+        else:
+            pred["mask_areas"] = pasted_mask_areas(masks, pred["boxes"], size, threshold,
+                                                   logit_threshold=logit_threshold)
 
 
 def logit_mask_scores(pasted_logits: Tensor, threshold: float) -> Tensor:
@@ -397,34 +411,73 @@ def paste_masks_binary(masks: Tensor, boxes: Tensor, image_size: tuple[int, int]
                                          padding=padding)[0]
 
 
-def paste_masks_binary_with_areas(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float, *,
-                                  logit_threshold: float | None = None, padding: int = 1) -> tuple[Tensor, Tensor]:
-    """:func:`paste_masks_binary` and the pixel count of each pasted frame (int64 ``[K]``),
-    counted inside each box while pasting (the frame outside the box is all background),
-    so nothing has to sum the ``K`` full frames again."""
+def _pasted_regions(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float,
+                    logit_threshold: float | None, padding: int):
+    """The background value of the pasted frames (what ``paste_masks_in_image`` leaves outside
+    every box, thresholded), and per box its ``(y0, y1, x0, x1, inside)``: the part of the
+    frame the box covers and its thresholded pasted values there (``None`` where the box
+    covers none of the image); torchvision's padding, box expansion, integer box and bilinear
+    resize, mask by mask."""
     height, width = image_size
     padded, scale = expand_masks(masks, padding=padding)
     int_boxes = expand_boxes(boxes, scale).to(dtype=torch.int64).tolist()
     zero = masks.new_zeros(())
     background = bool((logit_mask_scores(zero, logit_threshold) if logit_threshold is not None else zero) > threshold)
-    out = torch.full((len(masks), height, width), background, dtype=torch.bool, device=masks.device)
+
+    def regions():
+        for mask, (x0b, y0b, x1b, y1b) in zip(padded, int_boxes):
+            w, h = max(x1b - x0b + 1, 1), max(y1b - y0b + 1, 1)
+            resized = F.interpolate(mask[0].expand((1, 1, -1, -1)), size=(h, w), mode="bilinear",
+                                    align_corners=False)[0][0]
+            x0, x1, y0, y1 = max(x0b, 0), min(x1b + 1, width), max(y0b, 0), min(y1b + 1, height)
+            if x1 <= x0 or y1 <= y0:
+                yield None
+                continue
+            region = resized[y0 - y0b:y1 - y0b, x0 - x0b:x1 - x0b]
+            if logit_threshold is not None:
+                region = logit_mask_scores(region, logit_threshold)
+            yield y0, y1, x0, x1, region > threshold
+
+    return background, regions()
+
+
+def _area(inside: Tensor | None, image_size: tuple[int, int], background: bool, like: Tensor) -> Tensor:
+    """The pixel count of a pasted frame from its box region (``None``: the box covers none of
+    the image): the region's pixels above the threshold, plus the frame outside it where the
+    background is above it too."""
+    height, width = image_size
+    if inside is None:
+        return like.new_full((), height * width if background else 0, dtype=torch.int64)
+    return inside.sum() + (height * width - inside.numel() if background else 0)
+
+
+def paste_masks_binary_with_areas(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float, *,
+                                  logit_threshold: float | None = None, padding: int = 1) -> tuple[Tensor, Tensor]:
+    """:func:`paste_masks_binary` and the pixel count of each pasted frame (int64 ``[K]``),
+    counted inside each box while pasting (the frame outside the box is all background),
+    so nothing has to sum the ``K`` full frames again."""
+    background, regions = _pasted_regions(masks, boxes, image_size, threshold, logit_threshold, padding)
+    out = torch.full((len(masks), *image_size), background, dtype=torch.bool, device=masks.device)
     counts = []
-    for mask, (x0b, y0b, x1b, y1b), frame in zip(padded, int_boxes, out):
-        w, h = max(x1b - x0b + 1, 1), max(y1b - y0b + 1, 1)
-        resized = F.interpolate(mask[0].expand((1, 1, -1, -1)), size=(h, w), mode="bilinear", align_corners=False)[0][0]
-        x0, x1, y0, y1 = max(x0b, 0), min(x1b + 1, width), max(y0b, 0), min(y1b + 1, height)
-        if x1 <= x0 or y1 <= y0:
-            counts.append(out.new_full((), height * width if background else 0, dtype=torch.int64))
-            continue
-        region = resized[y0 - y0b:y1 - y0b, x0 - x0b:x1 - x0b]
-        if logit_threshold is not None:
-            region = logit_mask_scores(region, logit_threshold)
-        inside = region > threshold
-        frame[y0:y1, x0:x1] = inside
-        outside = height * width - inside.numel() if background else 0
-        counts.append(inside.sum() + outside)
+    for frame, region in zip(out, regions):
+        if region is not None:
+            y0, y1, x0, x1, inside = region
+            frame[y0:y1, x0:x1] = inside
+        counts.append(_area(None if region is None else region[4], image_size, background, masks))
     areas = torch.stack(counts) if counts else torch.zeros(0, dtype=torch.int64, device=masks.device)
     return out[:, None], areas
+
+
+def pasted_mask_areas(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float, *,
+                      logit_threshold: float | None = None, padding: int = 1) -> Tensor:
+    """The areas of :func:`paste_masks_binary_with_areas` (int64 ``[K]``) without the frames:
+    each mask is pasted and thresholded inside its own box only. For consumers that need the
+    areas and not the masks (``predict`` with no overlays and no volume outputs: the
+    ``[K, H, W]`` frames of a slice with 128 detections at 512² are 32 MiB to allocate and
+    fill)."""
+    background, regions = _pasted_regions(masks, boxes, image_size, threshold, logit_threshold, padding)
+    counts = [_area(None if r is None else r[4], image_size, background, masks) for r in regions]
+    return torch.stack(counts) if counts else torch.zeros(0, dtype=torch.int64, device=masks.device)
 
 
 # RoI Align parts smaller than this are not worth a thread hand-off.
@@ -500,11 +553,13 @@ def _fast_pools(heads: RoIHeads, workers: int, roi_align: str) -> list[tuple[str
 
 
 @contextlib.contextmanager
-def binary_masks(model, threshold: float, roi_align: str | None = None) -> Iterator[None]:
+def binary_masks(model, threshold: float, roi_align: str | None = None, frames: bool = True) -> Iterator[None]:
     """The inference fast path. Within the block, the eval ``masks`` of ``model`` (a Mask
     R-CNN with a :class:`LesionTransform`, or a model holding one as ``detector``) are
     boolean ``[K, 1, H, W]``: the pasted masks ``> threshold``, pasted box by box
     (:func:`paste_masks_binary`), with their pixel counts as ``mask_areas`` (int64 ``[K]``);
+    with ``frames=False`` a prediction has only ``mask_areas`` (no ``masks``:
+    :func:`pasted_mask_areas`), for callers that need no mask images;
     the mask branch runs on channels-last features (:meth:`LesionRoIHeads.mask_logits`:
     oneDNN's faster convolution layout, and :class:`LesionMaskPredictor`'s blocked GEMMs);
     and RoI Align is ``roi_align`` (``None``: the heads' ``roi_align_kernel``, which
@@ -527,6 +582,7 @@ def binary_masks(model, threshold: float, roi_align: str | None = None) -> Itera
     heads = getattr(det, "roi_heads", None)
     heads = heads if isinstance(heads, LesionRoIHeads) else None
     saved, transform.binary_mask_threshold = transform.binary_mask_threshold, float(threshold)
+    saved_frames, transform.mask_frames = transform.mask_frames, bool(frames)
     saved_layout = heads.mask_channels_last if heads is not None else None
     pools = []
     if heads is not None:
@@ -536,6 +592,7 @@ def binary_masks(model, threshold: float, roi_align: str | None = None) -> Itera
         yield
     finally:
         transform.binary_mask_threshold = saved
+        transform.mask_frames = saved_frames
         if heads is not None:
             heads.mask_channels_last = saved_layout
             for name, pool in pools:
