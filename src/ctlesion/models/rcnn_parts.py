@@ -411,44 +411,42 @@ def paste_masks_binary(masks: Tensor, boxes: Tensor, image_size: tuple[int, int]
                                          padding=padding)[0]
 
 
+def _pasted_background(masks: Tensor, threshold: float, logit_threshold: float | None) -> bool:
+    """What ``paste_masks_in_image`` leaves outside every box (0), thresholded as the masks are."""
+    zero = masks.new_zeros(())
+    return bool((logit_mask_scores(zero, logit_threshold) if logit_threshold is not None else zero) > threshold)
+
+
 def _pasted_regions(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float,
                     logit_threshold: float | None, padding: int):
-    """The background value of the pasted frames (what ``paste_masks_in_image`` leaves outside
-    every box, thresholded), and per box its ``(y0, y1, x0, x1, inside)``: the part of the
-    frame the box covers and its thresholded pasted values there (``None`` where the box
-    covers none of the image); torchvision's padding, box expansion, integer box and bilinear
-    resize, mask by mask."""
+    """Per box, ``(y0, y1, x0, x1, inside)``: the part of the frame the box covers and its
+    thresholded pasted values there, or ``None`` where the box covers none of the image;
+    torchvision's padding, box expansion, integer box and bilinear resize, mask by mask."""
     height, width = image_size
     padded, scale = expand_masks(masks, padding=padding)
     int_boxes = expand_boxes(boxes, scale).to(dtype=torch.int64).tolist()
-    zero = masks.new_zeros(())
-    background = bool((logit_mask_scores(zero, logit_threshold) if logit_threshold is not None else zero) > threshold)
-
-    def regions():
-        for mask, (x0b, y0b, x1b, y1b) in zip(padded, int_boxes):
-            w, h = max(x1b - x0b + 1, 1), max(y1b - y0b + 1, 1)
-            resized = F.interpolate(mask[0].expand((1, 1, -1, -1)), size=(h, w), mode="bilinear",
-                                    align_corners=False)[0][0]
-            x0, x1, y0, y1 = max(x0b, 0), min(x1b + 1, width), max(y0b, 0), min(y1b + 1, height)
-            if x1 <= x0 or y1 <= y0:
-                yield None
-                continue
-            region = resized[y0 - y0b:y1 - y0b, x0 - x0b:x1 - x0b]
-            if logit_threshold is not None:
-                region = logit_mask_scores(region, logit_threshold)
-            yield y0, y1, x0, x1, region > threshold
-
-    return background, regions()
+    for mask, (x0b, y0b, x1b, y1b) in zip(padded, int_boxes):
+        w, h = max(x1b - x0b + 1, 1), max(y1b - y0b + 1, 1)
+        resized = F.interpolate(mask[0].expand((1, 1, -1, -1)), size=(h, w), mode="bilinear",
+                                align_corners=False)[0][0]
+        x0, x1, y0, y1 = max(x0b, 0), min(x1b + 1, width), max(y0b, 0), min(y1b + 1, height)
+        if x1 <= x0 or y1 <= y0:
+            yield None
+            continue
+        region = resized[y0 - y0b:y1 - y0b, x0 - x0b:x1 - x0b]
+        if logit_threshold is not None:
+            region = logit_mask_scores(region, logit_threshold)
+        yield y0, y1, x0, x1, region > threshold
 
 
-def _area(inside: Tensor | None, image_size: tuple[int, int], background: bool, like: Tensor) -> Tensor:
-    """The pixel count of a pasted frame from its box region (``None``: the box covers none of
-    the image): the region's pixels above the threshold, plus the frame outside it where the
-    background is above it too."""
+def _areas(regions, image_size: tuple[int, int], background: bool, like: Tensor) -> Tensor:
+    """The pixel count of each pasted frame (int64 ``[K]``) from its box region (see
+    :func:`_pasted_regions`): the region's pixels above the threshold, plus the frame outside
+    it where the background is above it too."""
     height, width = image_size
-    if inside is None:
-        return like.new_full((), height * width if background else 0, dtype=torch.int64)
-    return inside.sum() + (height * width - inside.numel() if background else 0)
+    counts = [like.new_full((), height * width if background else 0, dtype=torch.int64) if r is None
+              else r[4].sum() + (height * width - r[4].numel() if background else 0) for r in regions]
+    return torch.stack(counts) if counts else torch.zeros(0, dtype=torch.int64, device=like.device)
 
 
 def paste_masks_binary_with_areas(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float, *,
@@ -456,16 +454,14 @@ def paste_masks_binary_with_areas(masks: Tensor, boxes: Tensor, image_size: tupl
     """:func:`paste_masks_binary` and the pixel count of each pasted frame (int64 ``[K]``),
     counted inside each box while pasting (the frame outside the box is all background),
     so nothing has to sum the ``K`` full frames again."""
-    background, regions = _pasted_regions(masks, boxes, image_size, threshold, logit_threshold, padding)
+    background = _pasted_background(masks, threshold, logit_threshold)
     out = torch.full((len(masks), *image_size), background, dtype=torch.bool, device=masks.device)
-    counts = []
+    regions = list(_pasted_regions(masks, boxes, image_size, threshold, logit_threshold, padding))
     for frame, region in zip(out, regions):
         if region is not None:
             y0, y1, x0, x1, inside = region
             frame[y0:y1, x0:x1] = inside
-        counts.append(_area(None if region is None else region[4], image_size, background, masks))
-    areas = torch.stack(counts) if counts else torch.zeros(0, dtype=torch.int64, device=masks.device)
-    return out[:, None], areas
+    return out[:, None], _areas(regions, image_size, background, masks)
 
 
 def pasted_mask_areas(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float, *,
@@ -475,9 +471,8 @@ def pasted_mask_areas(masks: Tensor, boxes: Tensor, image_size: tuple[int, int],
     areas and not the masks (``predict`` with no overlays and no volume outputs: the
     ``[K, H, W]`` frames of a slice with 128 detections at 512² are 32 MiB to allocate and
     fill)."""
-    background, regions = _pasted_regions(masks, boxes, image_size, threshold, logit_threshold, padding)
-    counts = [_area(None if r is None else r[4], image_size, background, masks) for r in regions]
-    return torch.stack(counts) if counts else torch.zeros(0, dtype=torch.int64, device=masks.device)
+    return _areas(_pasted_regions(masks, boxes, image_size, threshold, logit_threshold, padding), image_size,
+                  _pasted_background(masks, threshold, logit_threshold), masks)
 
 
 # RoI Align parts smaller than this are not worth a thread hand-off.
